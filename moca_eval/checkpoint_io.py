@@ -1,0 +1,104 @@
+"""Reading checkpoint files safely: ``torch.load(weights_only=True)`` with a small allow-list.
+
+A checkpoint is untrusted input. Only tensors, containers, ``argparse.Namespace`` and numpy
+scalars/arrays (the objects training scripts store next to the weights) can be unpickled;
+any other global is refused with a one-line error instead of being executed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import pickle
+import re
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moca_eval.errors import CheckpointError
+
+
+def _numpy_globals() -> list[Any]:
+    core = getattr(np, "_core", None) or np.core
+    allowed: list[Any] = [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype]
+    allowed += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return allowed
+
+
+SAFE_GLOBALS: list[Any] = [argparse.Namespace, *_numpy_globals()]
+
+
+def sha256_file(path: Path, *, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
+    """Load a ``.pth``/``.pt``/``.ckpt`` or ``.safetensors`` file into a dict, safely.
+
+    Raises:
+        CheckpointError: missing or unreadable file, a pickle that would run code, or a
+            file whose top level is not a dict.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            # junk bytes read as a pickle protocol number warn before failing: noise
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(_unpickling_message(path, err)) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = re.split(r"(?<=\.)\s", first, maxsplit=1)[0]  # torch appends advice sentences
+        if isinstance(err, (KeyError, IndexError)):  # torch's legacy reader fed non-pickle bytes
+            first = "neither a zip archive nor a pickle"
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {first}"
+        ) from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{path}: expected a dict of tensors at the top level, found {type(obj).__name__}"
+        )
+    return obj
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {err}") from None
+
+
+def _unpickling_message(path: Path, err: Exception) -> str:
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    if found:
+        return (
+            f"{path}: refusing to unpickle {found.group(1)}: loading it would run code from the "
+            "file (only tensors, containers, argparse.Namespace and numpy values are allowed)"
+        )
+    # torch's text: "... WeightsUnpickler error: \n\nUnsupported operand 80\n\nCheck the ..."
+    _, _, detail = str(err).partition("WeightsUnpickler error:")
+    line = next((ln.strip() for ln in detail.splitlines() if ln.strip()), "") or "unsupported content"
+    return (
+        f"{path}: not a readable PyTorch checkpoint (corrupt, or not a checkpoint?): "
+        f"the safe unpickler (weights_only=True) refused it: {line}"
+    )

@@ -1,0 +1,227 @@
+"""``load_backbone``: any supported SSL checkpoint -> a timm ViT with exactly its weights.
+
+Pipeline: read safely (``checkpoint_io``) -> pick the layout (``checkpoint_formats``,
+exactly one must match) -> pure dict rewrite to timm names -> infer the architecture from
+the tensors -> resize the position table to the eval resolution -> strict load.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from moca_eval.checkpoint_formats import (
+    FORMATS,
+    FORMATS_BY_NAME,
+    CheckpointFormat,
+    StateDict,
+    custom_key_extract,
+    normalize_vit_keys,
+    top_level_keys,
+)
+from moca_eval.checkpoint_io import read_checkpoint, sha256_file
+from moca_eval.errors import CheckpointError, ConfigError
+from moca_eval.models import (
+    ARCHS,
+    ArchSpec,
+    build_vit,
+    default_num_heads,
+    is_sincos,
+    resize_pos_embed,
+    with_img_size,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedBackbone:
+    """A loaded backbone and what was learned while loading it."""
+
+    model: VisionTransformer
+    format: str
+    recipe: str
+    arch: ArchSpec
+    sha256: str
+    path: Path
+    dropped: tuple[str, ...]
+    pos_embed: str  # "sincos" | "learned"
+    student: bool = False
+    checkpoint_key: str | None = None
+
+    def summary(self) -> str:
+        """One line for logs: format, architecture, weights chosen."""
+        which = "student" if self.student else "teacher/eval weights"
+        return (
+            f"{self.path.name}: format {self.format} ({which}), {self.arch.describe()}, "
+            f"{self.pos_embed} pos-embed, {len(self.dropped)} non-backbone keys dropped"
+        )
+
+
+def detect_format(ckpt: Mapping[str, Any], *, path: Path) -> CheckpointFormat:
+    """The one layout that matches ``ckpt``; zero or several matches is an error."""
+    matches = [fmt for fmt in FORMATS if fmt.detect(ckpt)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        names = ", ".join(f.name for f in matches)
+        raise CheckpointError(f"{path}: ambiguous checkpoint layout ({names}); pick one with --format")
+    raise CheckpointError(
+        f"{path}: unknown checkpoint layout; top-level keys: {top_level_keys(ckpt)}; "
+        f"known layouts: {', '.join(FORMATS_BY_NAME)} "
+        "(use --checkpoint-key KEY for a state dict stored under another key)"
+    )
+
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def infer_arch(sd: StateDict, *, num_heads: int | None = None) -> ArchSpec:
+    """Architecture from tensor shapes (width, depth, patch, MLP, LayerScale, registers)."""
+    absent = [k for k in ("patch_embed.proj.weight", "cls_token", "pos_embed") if k not in sd]
+    if absent:
+        sample = ", ".join(list(sd)[:5])
+        raise CheckpointError(f"not a ViT backbone: no {', '.join(absent)} (keys: {sample} ...)")
+    proj = sd["patch_embed.proj.weight"]
+    embed_dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := _BLOCK.match(k))), default=-1)
+    if depth == 0 or "blocks.0.mlp.fc1.weight" not in sd:
+        raise CheckpointError("unsupported ViT block layout: no blocks.N.mlp.fc1 (SwiGLU FFN?)")
+    reg_tokens = sd["reg_token"].shape[1] if "reg_token" in sd else 0
+    rows = sd["pos_embed"].shape[1] if "pos_embed" in sd else 0
+    no_embed_class = reg_tokens > 0 or _is_square(rows)
+    grid = round((rows - (0 if no_embed_class else 1)) ** 0.5)
+    return ArchSpec(
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads or default_num_heads(embed_dim),
+        patch_size=patch,
+        img_size=grid * patch,
+        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        init_values=1.0 if "blocks.0.ls1.gamma" in sd else None,
+        reg_tokens=reg_tokens,
+        no_embed_class=no_embed_class,
+        in_chans=in_chans,
+    )
+
+
+def _is_square(n: int) -> bool:
+    return n > 0 and round(n**0.5) ** 2 == n
+
+
+def resolve_arch(inferred: ArchSpec, arch: str | None, *, path: Path) -> ArchSpec:
+    """Apply a user's ``--arch`` name, checking that it fits the weights."""
+    if arch is None:
+        return inferred
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown --arch {arch!r}; known: {', '.join(ARCHS)}")
+    named = ARCHS[arch]
+    if (named.embed_dim, named.depth) != (inferred.embed_dim, inferred.depth):
+        raise CheckpointError(
+            f"{path}: --arch {arch} expects width {named.embed_dim} and depth {named.depth}, "
+            f"the checkpoint has width {inferred.embed_dim} and depth {inferred.depth}"
+        )
+    return replace(inferred, num_heads=named.num_heads)
+
+
+def load_backbone(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    checkpoint_key: str | None = None,
+    fmt: str | None = None,
+    student: bool = False,
+    img_size: int = 224,
+) -> LoadedBackbone:
+    """Load the evaluation backbone (teacher by default) of any supported checkpoint.
+
+    Args:
+        path: ``.pth``/``.pt``/``.safetensors`` file.
+        arch: architecture name from ``ARCHS`` to override the head count rule.
+        checkpoint_key: take the state dict under this top-level key instead of detecting.
+        fmt: force a layout from ``FORMATS`` (when detection is ambiguous).
+        student: load the student/online weights of a training checkpoint.
+        img_size: evaluation resolution; the position table is resized to it.
+    """
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    try:
+        chosen, sd, dropped = _extract(ckpt, path=path, checkpoint_key=checkpoint_key, fmt=fmt,
+                                       student=student)
+        sd = normalize_vit_keys(sd)
+        hint = chosen.num_heads_hint(sd["cls_token"].shape[-1]) if (
+            chosen.num_heads_hint and "cls_token" in sd) else None
+        spec = resolve_arch(infer_arch(sd, num_heads=hint), arch, path=path)
+    except CheckpointError as err:
+        msg = str(err)
+        raise CheckpointError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    if img_size % spec.patch_size:
+        raise ConfigError(f"image size {img_size} is not a multiple of the patch size {spec.patch_size}")
+    prefix = 0 if spec.no_embed_class else 1
+    sincos = is_sincos(sd["pos_embed"], num_prefix=prefix)
+    sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], new_grid=img_size // spec.patch_size,
+                                       num_prefix=prefix, sincos=sincos)
+    spec = with_img_size(spec, img_size)
+    model = build_vit(spec)
+    strict_load(model, sd, path=path)
+    model.pos_embed.requires_grad_(not sincos)
+    model.eval()
+    log.info("loaded %s", path)
+    return LoadedBackbone(
+        model=model, format=chosen.name, recipe=chosen.recipe, arch=spec, sha256=sha256_file(path),
+        path=path, dropped=tuple(dropped), pos_embed="sincos" if sincos else "learned",
+        student=student, checkpoint_key=checkpoint_key,
+    )
+
+
+def _extract(
+    ckpt: Mapping[str, Any], *, path: Path, checkpoint_key: str | None, fmt: str | None, student: bool
+) -> tuple[CheckpointFormat, StateDict, list[str]]:
+    if checkpoint_key is not None:
+        if student:
+            raise ConfigError("--student cannot be combined with --checkpoint-key (the key already "
+                              "says which weights to take)")
+        custom = CheckpointFormat("custom-key", f"state dict under {checkpoint_key!r}", "dino",
+                                  lambda c: True, lambda c, s: custom_key_extract(c, checkpoint_key))
+        sd, dropped = custom.extract(ckpt, student)
+        return custom, sd, dropped
+    if fmt is not None and fmt not in FORMATS_BY_NAME:
+        raise ConfigError(f"unknown --format {fmt!r}; known: {', '.join(FORMATS_BY_NAME)}")
+    chosen = FORMATS_BY_NAME[fmt] if fmt else detect_format(ckpt, path=path)
+    if fmt and not chosen.detect(ckpt):
+        raise CheckpointError(f"--format {fmt} does not fit this checkpoint ({chosen.description}); "
+                              f"top-level keys: {top_level_keys(ckpt)}")
+    if student and not chosen.has_student:
+        raise ConfigError(f"{path}: --student given, but a {chosen.name} checkpoint has no student")
+    try:
+        sd, dropped = chosen.extract(ckpt, student)
+    except KeyError as err:  # e.g. an MSN checkpoint without the 'encoder' that --student needs
+        raise CheckpointError(f"{chosen.name} checkpoint has no {err} entry") from None
+    return chosen, sd, dropped
+
+
+def strict_load(model: torch.nn.Module, sd: StateDict, *, path: Path) -> None:
+    """Load ``sd`` into ``model``; any missing, unexpected or mis-shaped key is an error."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in sd and sd[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} backbone key(s): {', '.join(missing[:5])}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:5])}")
+    if wrong:
+        problems.append(f"wrong shapes (file vs model): {', '.join(wrong[:3])}")
+    if problems:
+        raise CheckpointError(f"{path}: backbone does not match the architecture: {'; '.join(problems)}")
+    model.load_state_dict(sd, strict=True)

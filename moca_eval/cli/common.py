@@ -1,0 +1,94 @@
+"""Options shared by every command, and their conversion into config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from moca_eval import distributed
+from moca_eval.features import ExtractConfig
+from moca_eval.pipeline import BackboneConfig, DataConfig, FeatureJob
+from moca_eval.results import format_table, write_json_atomic
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("MOCA_EVAL_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moca-eval"
+    return Path(base) / "features"
+
+
+def add_backbone_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpoint")
+    g.add_argument("--ckpt", type=Path, required=True, help="checkpoint (.pth/.pt/.safetensors)")
+    g.add_argument("--arch", help="architecture name (vit_tiny/small/base/large) to override the "
+                   "head-count rule; width and depth are always read from the weights")
+    g.add_argument("--checkpoint-key", help="take the state dict under this top-level key")
+    g.add_argument("--format", dest="fmt", help="force a checkpoint layout (see `moca-eval inspect`)")
+    g.add_argument("--student", action="store_true",
+                   help="evaluate the student/online weights of a training checkpoint")
+    g.add_argument("--img-size", type=int, default=224, help="evaluation resolution (default 224)")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", type=Path, required=True, help="dataset root with train/ and val/")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="val")
+    g.add_argument("--resize", type=int, help="shorter side before the center crop "
+                   "(default: img_size/0.875, i.e. 256 for 224)")
+    g.add_argument("--interpolation", default="bicubic", choices=["bicubic", "bilinear"])
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on GPU, fp32 on CPU")
+    g.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                   help="feature cache directory (default: %(default)s)")
+    g.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    g.add_argument("--strict", action="store_true", help="an undecodable image is an error")
+
+
+def add_output_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", type=Path, help="write the results JSON here (atomically)")
+
+
+def backbone_config(args: argparse.Namespace) -> BackboneConfig:
+    return BackboneConfig(ckpt=args.ckpt, arch=args.arch, checkpoint_key=args.checkpoint_key,
+                          fmt=args.fmt, student=args.student, img_size=args.img_size)
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    return DataConfig(root=args.data, train_split=args.train_split, val_split=args.val_split,
+                      resize=args.resize, interpolation=args.interpolation)
+
+
+def extract_config(args: argparse.Namespace) -> ExtractConfig:
+    return ExtractConfig(batch_size=args.batch_size, num_workers=args.num_workers,
+                         device=args.device, precision=args.precision,
+                         cache_dir=None if args.no_cache else args.cache_dir, strict=args.strict)
+
+
+def feature_job(args: argparse.Namespace) -> FeatureJob:
+    distributed.init_from_env(args.device)
+    return FeatureJob(backbone_config(args), data_config(args), extract_config(args))
+
+
+def is_main_process() -> bool:
+    return distributed.current().is_main
+
+
+def emit(table_rows: list[dict], columns: list[str], payload: dict, output: Path | None,
+         *, title: str) -> None:
+    """Print the table (main process only) and write the JSON atomically if asked."""
+    if not is_main_process():
+        return
+    print(title)
+    print(format_table(table_rows, columns))
+    if output is not None:
+        write_json_atomic(output, payload)
+        print(f"results written to {output}")

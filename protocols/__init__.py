@@ -1,0 +1,1 @@
+"""Evaluation protocols: each module exposes ``<Name>Config``, ``run(cfg) -> <Name>Result``."""

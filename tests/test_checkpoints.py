@@ -1,0 +1,263 @@
+"""load_backbone: the original projects' own fixture files reproduce their features, and every
+documented layout (built here from a random timm ViT) loads to exactly the same function."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from moca_eval.checkpoint_formats import FORMATS_BY_NAME
+from moca_eval.checkpoints import infer_arch, load_backbone
+from moca_eval.features import compute_features
+from moca_eval.models import ArchSpec, build_vit, sincos_pos_embed
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"{FIXTURES} not present "
+                                    "(the project's shared fixtures are only in the dev checkout)")
+TOL = 1e-5
+
+# (folder, file, student): every fixture file and which weights it should yield.
+FIXTURE_FILES = [
+    ("MOCA", "checkpoint-last.pth", "moca-full"),
+    ("MOCA", "teacher-last.pth", "model-wrapped"),
+    ("dino", "checkpoint.pth", "dino-full"),
+    ("dino", "dino_vittiny16_pretrain.pth", "bare"),
+    ("mae", "checkpoint-799.pth", "mae-full"),
+    ("mae", "mae_pretrain_vit_tiny.pth", "model-wrapped"),
+    ("dinov2", "teacher_checkpoint.pth", "dinov2-train"),
+    ("dinov2", "dinov2_vittiny14_reg4_pretrain.pth", "dinov2-hub"),
+]
+
+
+def _features(model: torch.nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in compute_features(model, x, names).items()}
+
+
+def _patch_tokens(model, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return model.forward_features(x)[:, model.num_prefix_tokens:].numpy()
+
+
+@needs_fixtures
+@pytest.mark.parametrize(("folder", "name", "fmt"), FIXTURE_FILES)
+def test_fixture_checkpoint_reproduces_reference_features(folder: str, name: str, fmt: str) -> None:
+    inputs = torch.from_numpy(np.load(FIXTURES / "inputs.npy"))
+    expected = np.load(FIXTURES / folder / "expected.npz")
+    backbone = load_backbone(FIXTURES / folder / name)
+    assert backbone.format == fmt
+    feats = _features(backbone.model, inputs, ["cls", "avg"])
+    assert np.abs(feats["cls"] - expected["cls"]).max() <= TOL
+    assert np.abs(feats["avg"] - expected["avg"]).max() <= TOL
+    assert np.abs(_patch_tokens(backbone.model, inputs) - expected["patch"]).max() <= TOL
+
+
+@needs_fixtures
+@pytest.mark.parametrize(("folder", "name"), [("MOCA", "checkpoint-last.pth"), ("dino", "checkpoint.pth")])
+def test_fixture_student_flag_gives_student_features(folder: str, name: str) -> None:
+    inputs = torch.from_numpy(np.load(FIXTURES / "inputs.npy"))
+    expected = np.load(FIXTURES / folder / "expected.npz")
+    teacher = _features(load_backbone(FIXTURES / folder / name).model, inputs, ["cls"])
+    student = _features(load_backbone(FIXTURES / folder / name, student=True).model, inputs, ["cls", "avg"])
+    assert np.abs(student["cls"] - expected["student_cls"]).max() <= TOL
+    assert np.abs(student["avg"] - expected["student_avg"]).max() <= TOL
+    assert np.abs(teacher["cls"] - expected["student_cls"]).max() > 0.1  # the control differs
+
+
+@needs_fixtures
+def test_fixture_prenorm_variants_match_reference() -> None:
+    inputs = torch.from_numpy(np.load(FIXTURES / "inputs.npy"))
+    mae = _features(load_backbone(FIXTURES / "mae" / "checkpoint-799.pth").model, inputs, ["avg-prenorm"])
+    assert np.abs(mae["avg-prenorm"] - np.load(FIXTURES / "mae" / "expected.npz")["avg_prenorm"]).max() <= TOL
+    dinov2 = load_backbone(FIXTURES / "dinov2" / "teacher_checkpoint.pth")
+    got = _features(dinov2.model, inputs, ["cls-prenorm"])["cls-prenorm"]
+    assert np.abs(got - np.load(FIXTURES / "dinov2" / "expected.npz")["prenorm_cls"]).max() <= TOL
+
+
+@needs_fixtures
+def test_fixture_architecture_is_inferred_from_weights() -> None:
+    moca = load_backbone(FIXTURES / "MOCA" / "checkpoint-last.pth")
+    assert (moca.arch.embed_dim, moca.arch.depth, moca.arch.num_heads, moca.arch.patch_size) == (96, 4, 3, 16)
+    assert moca.pos_embed == "sincos" and moca.recipe == "moca"
+    dinov2 = load_backbone(FIXTURES / "dinov2" / "dinov2_vittiny14_reg4_pretrain.pth")
+    assert (dinov2.arch.patch_size, dinov2.arch.reg_tokens, dinov2.arch.init_values) == (14, 4, 1.0)
+    assert dinov2.pos_embed == "learned"
+
+
+# ---------------------------------------------------------------- layouts built from PROTOCOLS.md
+SMALL = ArchSpec(embed_dim=96, depth=2, num_heads=3, patch_size=8, img_size=32)
+LAYERSCALE = ArchSpec(embed_dim=96, depth=2, num_heads=3, patch_size=8, img_size=32, init_values=0.1)
+REGISTERS = ArchSpec(embed_dim=96, depth=2, num_heads=3, patch_size=8, img_size=32, init_values=0.1,
+                     reg_tokens=4, no_embed_class=True)
+MOCOV3 = ArchSpec(embed_dim=384, depth=1, num_heads=12, patch_size=16, img_size=32)
+
+
+def _random_vit(arch: ArchSpec, seed: int, *, sincos: bool = False) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_vit(arch).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)  # make every parameter matter
+        if sincos:
+            model.pos_embed.copy_(sincos_pos_embed(arch.embed_dim, arch.grid_size))
+    return model
+
+
+def _prefixed(sd: dict, prefix: str) -> dict:
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def _ibot_names(sd: dict) -> dict:
+    return {k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2"): v for k, v in sd.items()}
+
+
+def _dinov2_names(sd: dict, *, chunked: bool) -> dict:
+    """timm reg model -> DINOv2 naming: register_tokens, CLS row in pos_embed, chunked blocks."""
+    out = {}
+    for k, v in sd.items():
+        if chunked and k.startswith("blocks."):
+            i = int(k.split(".")[1])
+            k = f"blocks.{i // 1}.{i}." + k.split(".", 2)[2]
+        out[k] = v
+    row = torch.randn(1, 1, sd["cls_token"].shape[-1])
+    out["register_tokens"] = out.pop("reg_token")
+    out["pos_embed"] = torch.cat([row, sd["pos_embed"]], dim=1)
+    out["cls_token"] = sd["cls_token"] - row
+    out["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1])
+    return out
+
+
+NS = argparse.Namespace(arch="vit_tiny", lr=1e-3)
+HEAD = {"head.weight": torch.zeros(10, 96), "head.bias": torch.zeros(10)}
+
+
+def _layout(fmt: str, teacher: dict, student: dict) -> tuple[dict, dict]:
+    """A checkpoint in ``fmt``'s documented layout, plus load_backbone kwargs."""
+    t, s = teacher, student
+    builders = {
+        "moca-full": lambda: {"model": {**_prefixed(t, "encoder_teacher."), **_prefixed(s, "encoder."),
+                                        "decoder_pos_embed": torch.zeros(1, 5, 8),
+                                        "bow_extractor.bow_extractor.0._embedding": torch.zeros(4, 96),
+                                        "encoder_pred.scale": torch.ones(1),
+                                        "mask_token_cls_pt": torch.zeros(1, 1, 8)},
+                              "optimizer": {"state": {}, "param_groups": []}, "epoch": 199, "args": NS,
+                              "scaler": {"scale": 65536.0}},
+        "mae-full": lambda: {"model": {**t, "mask_token": torch.zeros(1, 1, 8),
+                                       "decoder_embed.weight": torch.zeros(8, 32),
+                                       "decoder_pred.weight": torch.zeros(4, 8)},
+                             "epoch": 799, "args": NS, "scaler": {}},
+        "model-wrapped": lambda: {"model": t},
+        "dino-full": lambda: {"teacher": {**_prefixed(t, "backbone."), "head.mlp.0.weight": torch.zeros(4, 96)},
+                              "student": {**_prefixed(s, "module.backbone."),
+                                          "module.head.mlp.0.weight": torch.zeros(4, 96)},
+                              "epoch": 100, "args": NS, "dino_loss": {"center": torch.zeros(1, 4)}},
+        "ibot-full": lambda: {"teacher": {**_prefixed(_ibot_names(t), "backbone."),
+                                          "backbone.masked_embed": torch.zeros(96),
+                                          "head.mlp.0.weight": torch.zeros(4, 96)},
+                              "student": {**_prefixed(_ibot_names(s), "module.backbone."),
+                                          "module.backbone.masked_embed": torch.zeros(96)},
+                              "ibot_loss": {"center": torch.zeros(1, 4)}, "args": NS},
+        "dinov2-train": lambda: {"teacher": {**_prefixed(_dinov2_names(t, chunked=True), "backbone."),
+                                             "dino_head.mlp.0.weight": torch.zeros(4, 96),
+                                             "ibot_head.mlp.0.weight": torch.zeros(4, 96)}},
+        "state-dict-wrapped": lambda: {"state_dict": {**_ibot_names(t), **HEAD}},
+        "mocov3": lambda: {"state_dict": {**_prefixed(t, "module.base_encoder."),
+                                          **_prefixed(s, "module.momentum_encoder."),
+                                          "module.predictor.0.weight": torch.zeros(4, 4)},
+                           "arch": "vit_small", "epoch": 300},
+        "msn": lambda: {"target_encoder": {**_prefixed(t, "module."), "module.fc.fc1.weight": torch.zeros(4, 96)},
+                        "encoder": {**_prefixed(s, "module."), "module.fc.fc1.weight": torch.zeros(4, 96)},
+                        "prototypes": torch.zeros(8, 4), "epoch": 1},
+        "dinov2-hub": lambda: _dinov2_names(t, chunked=False),
+        "bare": lambda: {**t, **HEAD},
+    }
+    return builders[fmt](), {}
+
+
+LAYOUT_ARCH = {"ibot-full": LAYERSCALE, "state-dict-wrapped": LAYERSCALE, "dinov2-train": REGISTERS,
+               "dinov2-hub": REGISTERS, "mocov3": MOCOV3}
+
+
+def test_every_registered_format_has_a_layout_test() -> None:
+    assert set(FORMATS_BY_NAME) == set(_LAYOUT_NAMES)
+
+
+_LAYOUT_NAMES = ["moca-full", "mae-full", "model-wrapped", "dino-full", "ibot-full", "dinov2-train",
+                 "state-dict-wrapped", "mocov3", "msn", "dinov2-hub", "bare"]
+
+
+def _check_same_function(loaded: torch.nn.Module, source: torch.nn.Module, arch: ArchSpec) -> None:
+    x = torch.randn(2, 3, arch.img_size, arch.img_size, generator=torch.Generator().manual_seed(3))
+    got = _features(loaded, x, ["cls", "avg", "avg-prenorm"])
+    ref = _features(source, x, ["cls", "avg", "avg-prenorm"])
+    for name in got:
+        assert np.abs(got[name] - ref[name]).max() <= 1e-5, name
+
+
+@pytest.mark.parametrize("fmt", _LAYOUT_NAMES)
+def test_documented_layout_is_detected_and_loads_exactly(fmt: str, tmp_path: Path) -> None:
+    arch = LAYOUT_ARCH.get(fmt, SMALL)
+    teacher, student = _random_vit(arch, 0), _random_vit(arch, 1)
+    ckpt, _ = _layout(fmt, teacher.state_dict(), student.state_dict())
+    path = tmp_path / "ckpt.pth"
+    torch.save(ckpt, path)
+    backbone = load_backbone(path, img_size=arch.img_size)
+    assert backbone.format == fmt
+    assert backbone.arch.num_heads == arch.num_heads  # MoCo-v3 ViT-S: 12 heads, by format hint
+    _check_same_function(backbone.model, teacher, arch)
+    if FORMATS_BY_NAME[fmt].has_student:
+        _check_same_function(load_backbone(path, img_size=arch.img_size, student=True).model, student, arch)
+
+
+def test_safetensors_file_loads_as_bare_state_dict(tmp_path: Path) -> None:
+    source = _random_vit(SMALL, 0)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    backbone = load_backbone(path, img_size=32)
+    assert backbone.format == "bare"
+    _check_same_function(backbone.model, source, SMALL)
+
+
+def test_checkpoint_key_takes_state_dict_under_custom_key(tmp_path: Path) -> None:
+    source = _random_vit(SMALL, 0)
+    path = tmp_path / "custom.pth"
+    torch.save({"my_weights": _prefixed(source.state_dict(), "module.backbone."), "step": 5}, path)
+    backbone = load_backbone(path, img_size=32, checkpoint_key="my_weights")
+    assert backbone.format == "custom-key"
+    _check_same_function(backbone.model, source, SMALL)
+
+
+def test_sincos_pos_embed_is_recomputed_exactly_at_another_resolution(tmp_path: Path) -> None:
+    source = _random_vit(SMALL, 0, sincos=True)
+    path = tmp_path / "t.pth"
+    torch.save({"model": source.state_dict()}, path)
+    backbone = load_backbone(path, img_size=64)
+    assert backbone.pos_embed == "sincos" and backbone.arch.img_size == 64
+    assert torch.allclose(backbone.model.pos_embed, sincos_pos_embed(96, 8), atol=1e-6)
+    assert not backbone.model.pos_embed.requires_grad
+
+
+def test_learned_pos_embed_is_resampled_to_eval_resolution(tmp_path: Path) -> None:
+    from timm.layers import resample_abs_pos_embed
+
+    source = _random_vit(SMALL, 0)
+    path = tmp_path / "t.pth"
+    torch.save(source.state_dict(), path)
+    backbone = load_backbone(path, img_size=48)
+    want = resample_abs_pos_embed(source.pos_embed.detach(), new_size=[6, 6], old_size=[4, 4],
+                                  num_prefix_tokens=1)
+    assert backbone.pos_embed == "learned"
+    assert torch.equal(backbone.model.pos_embed.detach(), want)
+    assert backbone.model(torch.randn(1, 3, 48, 48)).shape == (1, 96)
+
+
+def test_infer_arch_reads_width_depth_patch_mlp_and_head_rule() -> None:
+    arch = ArchSpec(embed_dim=96, depth=3, num_heads=3, patch_size=14, img_size=28, mlp_ratio=2.0)
+    spec = infer_arch(build_vit(arch).state_dict())
+    assert (spec.embed_dim, spec.depth, spec.num_heads, spec.patch_size, spec.img_size, spec.mlp_ratio) == (
+        96, 3, 3, 14, 28, 2.0)
+    assert infer_arch(build_vit(ArchSpec(embed_dim=768, depth=1, num_heads=12)).state_dict()).num_heads == 12
