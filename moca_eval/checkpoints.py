@@ -167,8 +167,9 @@ def load_backbone(
         raise ConfigError(f"image size {img_size} is not a multiple of the patch size {spec.patch_size}")
     prefix = 0 if spec.no_embed_class else 1
     sincos = is_sincos(sd["pos_embed"], num_prefix=prefix)
-    sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], new_grid=img_size // spec.patch_size,
-                                       num_prefix=prefix, sincos=sincos)
+    sd["pos_embed"] = resize_pos_embed(
+        sd["pos_embed"], new_grid=img_size // spec.patch_size, num_prefix=prefix, sincos=sincos,
+        dinov2_offset=chosen.recipe == "dinov2" and spec.reg_tokens == 0)
     spec = with_img_size(spec, img_size)
     model = build_vit(spec)
     strict_load(model, sd, path=path)

@@ -133,12 +133,15 @@ def is_sincos(pos_embed: torch.Tensor, *, num_prefix: int) -> bool:
 
 
 def resize_pos_embed(
-    pos_embed: torch.Tensor, *, new_grid: int, num_prefix: int, sincos: bool
+    pos_embed: torch.Tensor, *, new_grid: int, num_prefix: int, sincos: bool,
+    dinov2_offset: bool = False,
 ) -> torch.Tensor:
     """Resize a ``[1, prefix + g*g, D]`` table to ``new_grid``.
 
     Fixed sin-cos tables are recomputed exactly; learned ones are resampled bicubically
-    (timm's ``resample_abs_pos_embed``, antialiased).
+    (timm's ``resample_abs_pos_embed``, antialiased, which is also what DINOv2 does for its
+    register models). ``dinov2_offset`` reproduces DINOv2's interpolation for its models
+    without registers: ``scale_factor=(new + 0.1) / old``, no antialiasing.
     """
     old_grid = round((pos_embed.shape[1] - num_prefix) ** 0.5)
     if old_grid == new_grid:
@@ -146,6 +149,13 @@ def resize_pos_embed(
     if sincos and num_prefix <= 1:
         fresh = sincos_pos_embed(pos_embed.shape[-1], new_grid, cls_token=False)
         return torch.cat([pos_embed[:, :num_prefix], fresh.to(pos_embed.dtype)], dim=1)
+    if dinov2_offset:
+        grid = pos_embed[:, num_prefix:].reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)
+        scale = (new_grid + 0.1) / old_grid
+        grid = torch.nn.functional.interpolate(grid.float(), scale_factor=(scale, scale), mode="bicubic",
+                                               antialias=False)
+        patches = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).to(pos_embed.dtype)
+        return torch.cat([pos_embed[:, :num_prefix], patches], dim=1)
     return resample_abs_pos_embed(
         pos_embed, new_size=[new_grid, new_grid], old_size=[old_grid, old_grid],
         num_prefix_tokens=num_prefix,

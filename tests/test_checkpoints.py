@@ -151,7 +151,8 @@ def _layout(fmt: str, teacher: dict, student: dict) -> tuple[dict, dict]:
                                        "decoder_pred.weight": torch.zeros(4, 8)},
                              "epoch": 799, "args": NS, "scaler": {}},
         "model-wrapped": lambda: {"model": t},
-        "dino-full": lambda: {"teacher": {**_prefixed(t, "backbone."), "head.mlp.0.weight": torch.zeros(4, 96)},
+        "dino-full": lambda: {"teacher": {**_prefixed(t, "backbone."),
+                                          "head.mlp.0.weight": torch.zeros(4, 96)},
                               "student": {**_prefixed(s, "module.backbone."),
                                           "module.head.mlp.0.weight": torch.zeros(4, 96)},
                               "epoch": 100, "args": NS, "dino_loss": {"center": torch.zeros(1, 4)}},
@@ -169,7 +170,8 @@ def _layout(fmt: str, teacher: dict, student: dict) -> tuple[dict, dict]:
                                           **_prefixed(s, "module.momentum_encoder."),
                                           "module.predictor.0.weight": torch.zeros(4, 4)},
                            "arch": "vit_small", "epoch": 300},
-        "msn": lambda: {"target_encoder": {**_prefixed(t, "module."), "module.fc.fc1.weight": torch.zeros(4, 96)},
+        "msn": lambda: {"target_encoder": {**_prefixed(t, "module."),
+                                           "module.fc.fc1.weight": torch.zeros(4, 96)},
                         "encoder": {**_prefixed(s, "module."), "module.fc.fc1.weight": torch.zeros(4, 96)},
                         "prototypes": torch.zeros(8, 4), "epoch": 1},
         "dinov2-hub": lambda: _dinov2_names(t, chunked=False),
@@ -261,3 +263,17 @@ def test_infer_arch_reads_width_depth_patch_mlp_and_head_rule() -> None:
     assert (spec.embed_dim, spec.depth, spec.num_heads, spec.patch_size, spec.img_size, spec.mlp_ratio) == (
         96, 3, 3, 14, 28, 2.0)
     assert infer_arch(build_vit(ArchSpec(embed_dim=768, depth=1, num_heads=12)).state_dict()).num_heads == 12
+
+
+def test_dinov2_without_registers_uses_dinov2_offset_interpolation(tmp_path: Path) -> None:
+    arch = ArchSpec(embed_dim=96, depth=1, num_heads=3, patch_size=14, img_size=518, init_values=0.1)
+    source = _random_vit(arch, 0)
+    sd = {**source.state_dict(), "mask_token": torch.zeros(1, 96)}  # hub layout, 37x37 table
+    torch.save(sd, tmp_path / "hub.pth")
+    backbone = load_backbone(tmp_path / "hub.pth", img_size=224)
+    grid = sd["pos_embed"][:, 1:].reshape(1, 37, 37, 96).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(grid, scale_factor=(16.1 / 37, 16.1 / 37), mode="bicubic",
+                                           antialias=False).permute(0, 2, 3, 1).reshape(1, 256, 96)
+    assert backbone.format == "dinov2-hub" and backbone.arch.img_size == 224
+    assert torch.allclose(backbone.model.pos_embed[:, 1:].detach(), want)
+    assert torch.equal(backbone.model.pos_embed[:, :1].detach(), sd["pos_embed"][:, :1])
