@@ -139,7 +139,8 @@ def load_backbone(
     checkpoint_key: str | None = None,
     fmt: str | None = None,
     student: bool = False,
-    img_size: int = 224,
+    img_size: int | None = 224,
+    num_heads: int | None = None,
 ) -> LoadedBackbone:
     """Load the evaluation backbone (teacher by default) of any supported checkpoint.
 
@@ -149,7 +150,10 @@ def load_backbone(
         checkpoint_key: take the state dict under this top-level key instead of detecting.
         fmt: force a layout from ``FORMATS`` (when detection is ambiguous).
         student: load the student/online weights of a training checkpoint.
-        img_size: evaluation resolution; the position table is resized to it.
+        img_size: evaluation resolution; the position table is resized to it (None: the
+            checkpoint's own resolution).
+        num_heads: attention heads, for widths the head-count rule does not know (shapes
+            cannot tell it); overrides the rule, the layout's hint and ``arch``.
     """
     path = Path(path)
     ckpt = read_checkpoint(path)
@@ -163,6 +167,11 @@ def load_backbone(
     except CheckpointError as err:
         msg = str(err)
         raise CheckpointError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    if num_heads is not None:
+        if num_heads < 1 or spec.embed_dim % num_heads:
+            raise ConfigError(f"--num-heads {num_heads} does not divide the width {spec.embed_dim}")
+        spec = replace(spec, num_heads=num_heads)
+    img_size = img_size or spec.img_size
     if img_size % spec.patch_size:
         raise ConfigError(f"image size {img_size} is not a multiple of the patch size {spec.patch_size}")
     prefix = 0 if spec.no_embed_class else 1

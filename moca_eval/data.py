@@ -76,7 +76,7 @@ def scan_image_folder(root: str | Path, *, classes: Sequence[str] | None = None)
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such directory (expected <split>/<class>/<image> folders)")
-    found = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not found:
         raise DatasetError(f"{root}: no class folders (expected {root}/<class>/<image>)")
     class_list = list(classes) if classes is not None else found

@@ -67,7 +67,7 @@ class FeatureCache:
                 features, present = data["features"], data["present"]
             if len(features) != num_rows or len(present) != num_rows:
                 raise ValueError(f"{len(features)} rows, expected {num_rows}")
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, TypeError) as err:  # TypeError: json not a dict
             log.warning("feature cache entry %s is corrupt or stale (%s); rebuilding", data_path, err)
             return None
         log.info("feature cache hit: %s", data_path.name)

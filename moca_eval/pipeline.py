@@ -21,10 +21,12 @@ class BackboneConfig:
     fmt: str | None = None
     student: bool = False
     img_size: int = 224
+    num_heads: int | None = None
 
     def load(self) -> LoadedBackbone:
         return load_backbone(self.ckpt, arch=self.arch, checkpoint_key=self.checkpoint_key,
-                             fmt=self.fmt, student=self.student, img_size=self.img_size)
+                             fmt=self.fmt, student=self.student, img_size=self.img_size,
+                             num_heads=self.num_heads)
 
 
 @dataclass(frozen=True)

@@ -277,3 +277,14 @@ def test_dinov2_without_registers_uses_dinov2_offset_interpolation(tmp_path: Pat
     assert backbone.format == "dinov2-hub" and backbone.arch.img_size == 224
     assert torch.allclose(backbone.model.pos_embed[:, 1:].detach(), want)
     assert torch.equal(backbone.model.pos_embed[:, :1].detach(), sd["pos_embed"][:, :1])
+
+
+def test_num_heads_override_sets_heads_for_nonstandard_width(tmp_path: Path) -> None:
+    arch = ArchSpec(embed_dim=96, depth=1, num_heads=2, patch_size=8, img_size=32)  # rule says 3
+    source = _random_vit(arch, 0)
+    torch.save(source.state_dict(), tmp_path / "two_heads.pth")
+    assert load_backbone(tmp_path / "two_heads.pth", img_size=32).arch.num_heads == 3
+    backbone = load_backbone(tmp_path / "two_heads.pth", img_size=32, num_heads=2)
+    _check_same_function(backbone.model, source, arch)
+    with pytest.raises(Exception, match="does not divide the width 96"):
+        load_backbone(tmp_path / "two_heads.pth", num_heads=5)

@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MocaEvalError as err:
         if args.debug:
             raise
-        print(f"moca-eval: error: {err}", file=sys.stderr)
+        print(f"moca-eval: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moca-eval: interrupted", file=sys.stderr)

@@ -23,6 +23,8 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ckpt", type=Path, required=True, help="checkpoint (.pth/.pt/.safetensors)")
     g.add_argument("--arch", help="architecture name (vit_tiny/small/base/large) to override the "
                    "head-count rule; width and depth are always read from the weights")
+    g.add_argument("--num-heads", type=int, help="attention heads, for non-standard widths (the "
+                   "weights cannot tell; default: 192:3, 384:6, 768:12, 1024:16, else width/64)")
     g.add_argument("--checkpoint-key", help="take the state dict under this top-level key")
     g.add_argument("--format", dest="fmt", help="force a checkpoint layout (see `moca-eval inspect`)")
     g.add_argument("--student", action="store_true",
@@ -59,7 +61,8 @@ def add_output_arg(p: argparse.ArgumentParser) -> None:
 
 def backbone_config(args: argparse.Namespace) -> BackboneConfig:
     return BackboneConfig(ckpt=args.ckpt, arch=args.arch, checkpoint_key=args.checkpoint_key,
-                          fmt=args.fmt, student=args.student, img_size=args.img_size)
+                          fmt=args.fmt, student=args.student, img_size=args.img_size,
+                          num_heads=args.num_heads)
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:

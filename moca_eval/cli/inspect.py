@@ -14,6 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", dest="fmt")
     p.add_argument("--student", action="store_true")
     p.add_argument("--arch")
+    p.add_argument("--num-heads", type=int)
     p.set_defaults(func=run)
 
 
@@ -26,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{fmt.name:20s} recipe={fmt.recipe:7s} {fmt.description}")
         return 0
     bb = load_backbone(args.ckpt, arch=args.arch, checkpoint_key=args.checkpoint_key,
-                       fmt=args.fmt, student=args.student)
+                       fmt=args.fmt, student=args.student, img_size=None,
+                       num_heads=args.num_heads)
     print(bb.summary())
     print(f"  sha256   {bb.sha256}")
     print(f"  recipe   {bb.recipe}")
