@@ -1,0 +1,30 @@
+"""``moca-eval plot``: accuracy vs images per class from low-shot result files."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="plot low-shot results (one curve per result file)",
+                       description="Top-1 vs labelled images per class (mean line, +-std band "
+                       "over splits), one curve per `moca-eval lowshot --output` file.")
+    p.add_argument("results", type=Path, nargs="+", help="low-shot result JSON files")
+    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("--labels", nargs="+", help="curve names (default: checkpoint file stems)")
+    p.add_argument("--title", default="Low-shot logistic regression")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moca_eval.errors import ConfigError
+    from moca_eval.protocols.lowshot_plot import default_label, load_lowshot_json, plot_lowshot
+
+    results = [load_lowshot_json(path) for path in args.results]
+    if args.labels and len(args.labels) != len(results):
+        raise ConfigError(f"--labels gives {len(args.labels)} names for {len(results)} files")
+    labels = args.labels or [default_label(r, p) for r, p in zip(results, args.results)]
+    plot_lowshot(results, labels, args.out, title=args.title)
+    print(f"plot written to {args.out}")
+    return 0
