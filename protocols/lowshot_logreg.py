@@ -41,7 +41,7 @@ CYANURE_SOLVERS: tuple[str, ...] = (
 SOLVERS: tuple[str, ...] = (*CYANURE_SOLVERS, "sklearn")
 DType = Literal["float32", "float64"]
 
-# Chosen with bench/bench_lowshot.py (table and reasoning in bench/lowshot.md): the fastest
+# Chosen with bench/bench_lowshot.py (table and reasoning in BENCHMARKS.md): the fastest
 # cyanure setting that reached the converged float64 scikit-learn objective within 1e-3
 # (relative) and its top-1 within 0.2 points at both lambda 0.1 and 2.5e-4 (1000 classes x 5
 # shots, 768-d). 'auto' resolves to catalyst-miso at lambda 0.1 and to qning-miso at 2.5e-4;

@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "L-BFGS float64, the fallback when cyanure is unavailable or misbehaves")
     g.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["float32", "float64"],
                    help="cyanure precision (default %(default)s; float32 stops early with poor "
-                   "accuracy: see bench/lowshot.md)")
+                   "accuracy: see BENCHMARKS.md)")
     g.add_argument("--tol", type=float, help=f"cyanure relative duality gap (default "
                    f"{DEFAULT_TOL:g}); with --solver sklearn the L-BFGS gradient tolerance "
                    f"(default {SKLEARN_TOL:g})")
