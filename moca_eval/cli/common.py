@@ -95,3 +95,11 @@ def emit(table_rows: list[dict], columns: list[str], payload: dict, output: Path
     if output is not None:
         write_json_atomic(output, payload)
         print(f"results written to {output}")
+
+
+def add_training_run_args(g: argparse._ArgumentGroup, protocol: str) -> None:
+    """``--seed``, ``--output-dir`` and ``--resume`` of the training protocols."""
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--output-dir", type=Path, help="checkpoint, log.jsonl and results.json "
+                   f"(default: runs/{protocol}/<checkpoint name>)")
+    g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")

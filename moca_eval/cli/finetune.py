@@ -33,10 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--reprob", type=float, help="random erasing probability")
     g.add_argument("--global-pool", choices=["avg", "token"])
     g.add_argument("--eval-every", type=int, default=1)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--output-dir", type=Path, help="checkpoint, log.jsonl and results.json "
-                   "(default: runs/finetune/<checkpoint name>)")
-    g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
+    common.add_training_run_args(g, "finetune")
     common.add_runtime_args(p)
     common.add_output_arg(p)
     p.set_defaults(func=run)

@@ -35,10 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="pick the reported head on a held-out part of train (default) or on val")
     g.add_argument("--holdout-fraction", type=float, default=0.1)
     g.add_argument("--eval-every", type=int, default=0, help="also score the heads every N epochs")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--output-dir", type=Path, help="checkpoint, log.jsonl and results.json "
-                   "(default: runs/linear/<checkpoint name>)")
-    g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
+    common.add_training_run_args(g, "linear")
     common.add_runtime_args(p)
     common.add_output_arg(p)
     p.set_defaults(func=run)

@@ -21,14 +21,6 @@ from moca_eval.protocols.finetune import build_model, build_optimizer, finetune_
 ARCH = ArchSpec(embed_dim=64, depth=2, num_heads=1, patch_size=8, img_size=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def mae_layer_id(name: str, depth: int) -> int:
     """MAE ``util/lr_decay.get_layer_id_for_vit``, as PROTOCOLS.md states it."""
     if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
@@ -130,7 +122,7 @@ def test_finetuning_beats_the_linear_probe_of_the_same_checkpoint(random_job):
     assert out["best_top1"] == max(h["top1"] for h in out["history"]) and out["config"]["accum"] == 1
 
 
-def test_interrupted_and_resumed_finetuning_ends_with_the_same_weights(tmp_path, monkeypatch):
+def test_interrupted_and_resumed_finetuning_ends_with_the_same_weights(tmp_path, run_interrupted):
     """The full recipe (RandAugment, random erasing, mixup/cutmix, drop path) with accumulation."""
     data = make_demo_data(tmp_path / "data", train_per_class=8, val_per_class=2)
     ckpt = save_random_moca_checkpoint(tmp_path / "c.pth", arch=ARCH)
@@ -139,18 +131,8 @@ def test_interrupted_and_resumed_finetuning_ends_with_the_same_weights(tmp_path,
     cfg = finetune.FinetuneConfig(job, finetune_recipe("moca", epochs=3, batch_size=16, warmup_epochs=1),
                                   output_dir=tmp_path / "full")
     full = finetune.run(cfg)
-    save = training.save_checkpoint
-
-    def save_then_die(path, state):
-        save(path, state)
-        if state["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     cut = replace(cfg, output_dir=tmp_path / "cut")
-    with pytest.raises(KeyboardInterrupt):
-        finetune.run(cut)
-    monkeypatch.undo()
+    run_interrupted(finetune.run, cut, 2)
     resumed = finetune.run(replace(cut, resume=True))
     a = training.load_checkpoint(tmp_path / "full" / training.CHECKPOINT_NAME)
     b = training.load_checkpoint(tmp_path / "cut" / training.CHECKPOINT_NAME)

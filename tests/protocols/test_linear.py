@@ -27,15 +27,6 @@ from moca_eval.protocols.linear_heads import GridSGD, HeadGrid, grid_loss
 ARCH = ArchSpec(embed_dim=64, depth=2, num_heads=1, patch_size=8, img_size=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads on a shared machine (module scope: fixtures too)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_demo_data(tmp_path_factory.mktemp("linear") / "data", train_per_class=60, val_per_class=30)
@@ -205,22 +196,12 @@ def test_augmented_path_with_center_crops_reproduces_cached_mode(job, tmp_path, 
     assert [h.val_top1 for h in augmented.heads] == pytest.approx([h.val_top1 for h in cached.heads], abs=0.5)
 
 
-def test_interrupted_and_resumed_run_ends_with_the_same_heads(job, tmp_path, monkeypatch):
+def test_interrupted_and_resumed_run_ends_with_the_same_heads(job, tmp_path, run_interrupted):
     recipe = linear_recipe("moca", epochs=3, batch_size=32, features=("avg",), lr_grid=(0.1, 1.0))
     cfg = linear.LinearConfig(job, recipe, mode="augmented", micro_batch=32, output_dir=tmp_path / "full")
     full = linear.run(cfg)
-    save = training.save_checkpoint
-
-    def save_then_die(path, state):
-        save(path, state)
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     cut = replace(cfg, output_dir=tmp_path / "cut")
-    with pytest.raises(KeyboardInterrupt):
-        linear.run(cut)
-    monkeypatch.undo()
+    run_interrupted(linear.run, cut, 1)
     with pytest.raises(ConfigError, match="--resume"):
         linear.run(cut)
     with pytest.raises(ConfigError, match="cannot resume with different settings"):

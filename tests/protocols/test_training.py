@@ -20,15 +20,6 @@ from moca_eval.models import ArchSpec
 from moca_eval.protocols import training
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("warmup,min_lr,warmup_lr", [(0, 0.0, 0.0), (7, 1e-6, 0.0), (5, 1e-6, 1e-6)])
 def test_cosine_lr_matches_timm_scheduler_per_group(warmup, min_lr, warmup_lr):
     total, peak = 40, 0.5
