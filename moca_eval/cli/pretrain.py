@@ -1,0 +1,85 @@
+"""``moca-eval pretrain``: train MOCA on a folder of images and write teacher checkpoints.
+
+Distributed: ``torchrun --nproc_per_node N -m moca_eval pretrain ...`` (``--batch-size`` is
+the global batch, split between the processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from moca_eval.results import format_table
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ratios, got {text!r}") from None
+
+
+def _partial(text: str) -> float | str:
+    return "none" if text.lower() == "none" else float(text)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from moca_eval.pretrain.config import PRESETS
+
+    p = sub.add_parser("pretrain", help="pretrain MOCA (teacher checkpoints for every protocol)",
+                       description=__doc__)
+    p.add_argument("--data", type=Path, required=True,
+                   help="folder of images (recursive; DIR/train is used when it exists); labels unused")
+    p.add_argument("--config", default="tiny", choices=sorted(PRESETS),
+                   help="preset: tiny (CPU demo) or vit_base (the paper's ViT-B/16 recipe)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--output", type=Path, required=True, help="run directory for checkpoints and logs")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint-last.pth")
+    g = p.add_argument_group("overrides (default: the preset's value)")
+    g.add_argument("--batch-size", type=int, help="global batch size (all processes)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: blr * batch / 256)")
+    g.add_argument("--blr", type=float, help="base lr, scaled by batch / 256 (replaces the preset's lr)")
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--clip-grad", type=float, help="max gradient norm (default: no clipping)")
+    g.add_argument("--momentum", type=float, help="initial teacher EMA momentum (0.99)")
+    g.add_argument("--momentum-end", type=float, help="final teacher EMA momentum (1.0; cosine)")
+    g.add_argument("--mask-ratios", type=_ratios, help="comma-separated, one per round (0.55,0.75)")
+    g.add_argument("--partial-decoding", type=_partial,
+                   help="masked tokens decoded, as a fraction of all tokens (0.2), or 'none' for all")
+    g.add_argument("--num-words", type=int, help="codebook size K")
+    g.add_argument("--num-new-words", type=int, help="codebook words replaced per step")
+    g.add_argument("--img-weight", type=float, help="lambda: weight of L_IMG (0.5)")
+    g.add_argument("--img-size", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--save-every", type=int, help="also keep checkpoint-<epoch>.pth every N epochs")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", help="auto (default), cpu, cuda")
+    r.add_argument("--num-workers", type=int)
+    r.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moca_eval.pretrain import preset
+    from moca_eval.pretrain import train as pretrain
+
+    overrides = {name: getattr(args, name) for name in (
+        "epochs", "batch_size", "lr", "blr", "warmup_epochs", "weight_decay", "clip_grad",
+        "momentum", "momentum_end", "mask_ratios", "num_words", "num_new_words", "img_weight", "img_size",
+        "seed", "save_every", "device", "num_workers", "precision")}
+    fixed = {"data_dir": str(args.data), "output_dir": str(args.output), "resume": args.resume,
+             "progress": not args.no_progress}
+    if args.blr is not None and args.lr is None:
+        fixed["lr"] = None  # the preset's absolute lr would override blr
+    if args.partial_decoding is not None:
+        fixed["partial_decoding"] = None if args.partial_decoding == "none" else args.partial_decoding
+    cfg = replace(preset(args.config, **overrides), **fixed)
+    result = pretrain.run(cfg.validate())
+    if result.history:
+        columns = ["epoch", "loss", "loss_img", "loss_loc", "codebook_usage", "tau", "imgs_per_s"]
+        print(format_table([{**h, "epoch": int(h["epoch"]) + 1} for h in result.history], columns))
+        print(f"teacher: {result.teacher}\ncheckpoint: {result.checkpoint}\nlog: {result.log_file}")
+    return 0

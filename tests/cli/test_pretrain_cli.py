@@ -1,0 +1,64 @@
+"""``moca-eval pretrain`` end to end on a few random images, and its input errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from moca_eval.checkpoints import load_backbone
+from moca_eval.cli import main
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pretrain-cli") / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_pretrain_tiny_writes_a_loadable_teacher_and_resumes(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["pretrain", "--data", str(images), "--config", "tiny", "--epochs", "1", "--output",
+            str(out), "--batch-size", "4", "--num-workers", "0", "--no-progress",
+            "--mask-ratios", "0.6", "--partial-decoding", "none", "--num-words", "64",
+            "--num-new-words", "4"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "loss_loc" in table and "teacher:" in table
+    summary = json.loads((out / "summary.json").read_text())
+    cfg = summary["config"]
+    assert cfg["mask_ratios"] == [0.6] and cfg["partial_decoding"] is None and cfg["num_words"] == 64
+    assert cfg["batch_size"] == 4 and cfg["num_new_words"] == 4 and len(summary["history"]) == 1
+    backbone = load_backbone(out / "teacher.pth", img_size=cfg["img_size"])
+    assert backbone.arch.embed_dim == 192 and backbone.pos_embed == "sincos"
+    assert main([*args, "--epochs", "2", "--resume"]) == 0  # one more epoch
+    lines = (out / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 0, 1, 1]
+
+
+def test_existing_output_without_resume_is_exit_2(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint-last.pth").write_bytes(b"")
+    code = main(["pretrain", "--data", str(images), "--output", str(out), "--batch-size", "8",
+                 "--num-new-words", "8", "--no-progress"])
+    assert code == 2
+    assert "already holds checkpoint-last.pth; pass --resume" in capsys.readouterr().err
+
+
+def test_missing_data_dir_is_exit_2(tmp_path, capsys):
+    code = main(["pretrain", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])
+    assert code == 2
+    assert "nope: no such directory" in capsys.readouterr().err
+
+
+def test_bad_mask_ratios_are_rejected(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--data", str(tmp_path), "--output", str(tmp_path), "--mask-ratios", "a,b"])
+    assert "comma-separated ratios" in capsys.readouterr().err
