@@ -14,12 +14,22 @@ Two cyanure 1.2 pitfalls are handled here rather than left to callers:
 - with exactly two classes cyanure silently falls back to the square loss for
   ``multiclass-logistic``; the two-class multinomial problem is solved exactly as a binary
   logistic problem on ``v = w_1 - w_0`` with half the regularisation (``W = [-v/2, v/2]``).
+
+cyanure runs in a separate (spawned) worker process, never in the caller's. Its bundled
+OpenBLAS/OpenMP, once it has run with more than one thread, corrupts PyTorch's later bf16
+CPU kernels in the same process (seen with torch 2.14 on an AVX512-BF16 CPU: garbage and
+NaN from autocast matmuls), and it prints C++ warnings to stdout; the worker keeps both out.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
+import os
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Literal
 
@@ -152,8 +162,8 @@ def fit_logreg(
     else:
         tol, max_iter = tol or DEFAULT_TOL, max_iter or DEFAULT_MAX_ITER
         w, n_iter, converged = _fit_cyanure(
-            np.ascontiguousarray(x, dtype=np.dtype(dtype)), target, lam_fit, binary=binary,
-            solver=solver, tol=tol, max_iter=max_iter, n_threads=n_threads, seed=seed,
+            x=np.ascontiguousarray(x, dtype=np.dtype(dtype)), target=target, lambda_1=lam_fit,
+            binary=binary, solver=solver, tol=tol, max_iter=max_iter, n_threads=n_threads, seed=seed,
         )
     if binary:
         v = w.reshape(-1)
@@ -165,7 +175,36 @@ def fit_logreg(
                        solver=solver, n_iter=n_iter, converged=converged)
 
 
-def _fit_cyanure(
+_worker: ProcessPoolExecutor | None = None
+
+
+def _silence_stdout() -> None:
+    """Worker initialiser: cyanure's C++ warnings go to /dev/null, not the caller's stdout."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+
+
+def _cyanure_worker() -> ProcessPoolExecutor:
+    """The one spawned process that runs every cyanure fit of this process (see the docstring)."""
+    global _worker
+    if _worker is None:
+        _worker = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_silence_stdout)
+        atexit.register(_worker.shutdown, cancel_futures=True)
+    return _worker
+
+
+def _fit_cyanure(**kwargs) -> tuple[np.ndarray, int, bool]:
+    """:func:`_fit_cyanure_here` in the worker process."""
+    global _worker
+    try:
+        return _cyanure_worker().submit(_fit_cyanure_here, **kwargs).result()
+    except BrokenProcessPool as err:
+        _worker = None
+        raise RuntimeError(f"the cyanure worker process died ({err}); "
+                           "rerun with --solver sklearn to avoid cyanure") from None
+
+
+def _fit_cyanure_here(
     x: np.ndarray, target: np.ndarray, lambda_1: float, *, binary: bool, solver: str,
     tol: float, max_iter: int, n_threads: int, seed: int,
 ) -> tuple[np.ndarray, int, bool]:

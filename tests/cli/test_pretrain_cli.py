@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from moca_eval.checkpoints import load_backbone
@@ -62,3 +63,26 @@ def test_bad_mask_ratios_are_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--data", str(tmp_path), "--output", str(tmp_path), "--mask-ratios", "a,b"])
     assert "comma-separated ratios" in capsys.readouterr().err
+
+
+def test_demo_pretrains_then_compares_teacher_and_random_init_and_reruns_without_training(
+        tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "random init" in table and "MOCA teacher" in table
+    result = json.loads((out / "knn.json").read_text())
+    teacher, random_init = result["moca_teacher"], result["random_init"]
+    assert teacher["checkpoint"]["path"] == str(out / "pretrain" / "teacher.pth")
+    assert (teacher["n_train"], teacher["n_val"]) == (400, 300)
+    assert [(r["k"], r["temperature"]) for r in teacher["results"]] == [(10, 0.07), (20, 0.07)]
+    assert teacher["results"] != random_init["results"]
+    # the random-init file holds the weights the run started from: epoch 0's first step used them
+    start = load_backbone(out / "random-init.pth", img_size=64).model.state_dict()
+    trained = load_backbone(out / "pretrain" / "teacher.pth", img_size=64).model.state_dict()
+    assert start.keys() == trained.keys() and not torch.equal(start["blocks.0.attn.qkv.weight"],
+                                                               trained["blocks.0.attn.qkv.weight"])
+    log = (out / "pretrain" / "log.jsonl").read_text()
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
+    assert (out / "pretrain" / "log.jsonl").read_text() == log  # finished run reused
+    assert json.loads((out / "knn.json").read_text())["moca_teacher"]["results"] == teacher["results"]

@@ -211,3 +211,23 @@ def test_recipes_name_real_features_and_lambda_conventions():
     assert LOWSHOT_RECIPES.get("ibot").default_lambda == 0.1
     with pytest.raises(ConfigError, match="did you mean"):
         LOWSHOT_RECIPES.get("mocca")
+
+
+def test_cyanure_leaves_this_process_bf16_kernels_and_stdout_alone(capfd):
+    """cyanure run in-process with 2 threads corrupts later bf16 CPU matmuls (garbage, NaN)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the corruption hit torch's second thread
+    try:
+        a, b = torch.randn(512, 384), torch.randn(384, 1536)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            before = (a @ b).float()
+        x, y = blobs(20, classes=3)
+        fit_logreg(preprocess_features(x), y, lambd=0.1, n_threads=2)
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert torch.equal((a @ b).float(), before)
+    finally:
+        torch.set_num_threads(threads)
+    assert capfd.readouterr().out == ""
