@@ -8,6 +8,7 @@ from pathlib import Path
 
 from moca_eval.checkpoints import LoadedBackbone, load_backbone
 from moca_eval.data import ImageFolderIndex, eval_transform, load_split
+from moca_eval.errors import ConfigError
 from moca_eval.features import ExtractConfig, FeatureSet, extract_features
 
 
@@ -54,12 +55,18 @@ class FeatureJob:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
 
 
-def extract_splits(job: FeatureJob, names: Sequence[str], backbone: LoadedBackbone
-                   ) -> tuple[FeatureSet, FeatureSet]:
-    """Train and val features for ``names`` (cached: a second protocol reuses them)."""
+def extract_splits(job: FeatureJob, names: Sequence[str], backbone: LoadedBackbone, *,
+                   min_train: int = 0, why: str = "") -> tuple[FeatureSet, FeatureSet]:
+    """Train and val features for ``names`` (cached: a second protocol reuses them).
+
+    A train split of fewer than ``min_train`` images is a ConfigError (``why`` says what needs
+    them), raised before any image goes through the backbone.
+    """
     transform = eval_transform(backbone.arch.img_size, resize=job.data.resize,
                                interpolation=job.data.interpolation)
     train_index, val_index = job.data.splits()
+    if len(train_index) < min_train:
+        raise ConfigError(f"{why} exceeds the {len(train_index)} training images of {job.data.root}")
     train = extract_features(backbone, train_index, names, job.extract, transform=transform)
     val = extract_features(backbone, val_index, names, job.extract, transform=transform)
     return train, val

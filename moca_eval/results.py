@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 PACKAGES = ("moca-eval", "torch", "timm", "numpy", "faiss-gpu", "faiss-cpu", "cyanure",
-            "scikit-learn", "torchvision")
+            "scikit-learn", "torchvision", "mmcv", "mmengine", "mmsegmentation", "mmdet")
 
 
 @contextlib.contextmanager

@@ -122,7 +122,7 @@ def run(cfg: KnnConfig) -> KnnResult:
     started = time.time()
     backbone = cfg.job.backbone.load()
     feature = check_feature_name(cfg.feature or RECIPES.get(backbone.recipe).knn_feature)
-    train, val = extract_splits(cfg.job, [feature], backbone)
+    train, val = extract_splits(cfg.job, [feature], backbone, min_train=max(cfg.ks), why=f"k={max(cfg.ks)}")
     scores = evaluate(train.features[feature], train.labels, val.features[feature], val.labels,
                       ks=cfg.ks, temperatures=cfg.temperatures, num_classes=len(train.classes),
                       use_gpu=cfg.use_gpu)

@@ -19,7 +19,7 @@ from moca_eval.errors import MocaEvalError
 COMMANDS = (
     "demo", "knn", "extract", "inspect", "demo_data",
 )
-OPTIONAL_COMMANDS = ("lowshot", "splits", "plot", "linear", "finetune", "recipes", "pretrain")
+OPTIONAL_COMMANDS = ("lowshot", "splits", "plot", "linear", "finetune", "recipes", "pretrain", "seg", "det")
 
 
 def _command_modules() -> list:

@@ -18,9 +18,10 @@ def default_cache_dir() -> Path:
     return Path(base) / "features"
 
 
-def add_backbone_args(p: argparse.ArgumentParser) -> None:
+def add_backbone_args(p: argparse.ArgumentParser, *, ckpt_required: bool = True,
+                      img_size: bool = True) -> None:
     g = p.add_argument_group("checkpoint")
-    g.add_argument("--ckpt", type=Path, required=True, help="checkpoint (.pth/.pt/.safetensors)")
+    g.add_argument("--ckpt", type=Path, required=ckpt_required, help="checkpoint (.pth/.pt/.safetensors)")
     g.add_argument("--arch", help="architecture name (vit_tiny/small/base/large) to override the "
                    "head-count rule; width and depth are always read from the weights")
     g.add_argument("--num-heads", type=int, help="attention heads, for non-standard widths (the "
@@ -29,7 +30,8 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--format", dest="fmt", help="force a checkpoint layout (see `moca-eval inspect`)")
     g.add_argument("--student", action="store_true",
                    help="evaluate the student/online weights of a training checkpoint")
-    g.add_argument("--img-size", type=int, default=224, help="evaluation resolution (default 224)")
+    if img_size:
+        g.add_argument("--img-size", type=int, default=224, help="evaluation resolution (default 224)")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

@@ -228,7 +228,7 @@ def test_knn_bad_dataset_exits_2_with_one_line_and_no_output(
 @pytest.mark.parametrize(("command", "extra", "pattern"), [
     ("knn", ["--feature", "mean"], r"^unknown feature 'mean'; known: cls, avg, cls\+avg, .*cls-lastN\)$"),
     ("extract", ["--feature", "mean"], r"^unknown feature 'mean'; known: cls, avg, "),
-    ("knn", ["--k", "61"], r"^k=61 exceeds the 60 training images$"),
+    ("knn", ["--k", "61"], r"^k=61 exceeds the 60 training images of .*data$"),
     ("knn", ["--k", "0"], r"^k values must be >= 1 and temperatures > 0$"),
 ])
 def test_bad_option_exits_2_with_one_line_and_no_output(
@@ -242,6 +242,7 @@ def test_bad_option_exits_2_with_one_line_and_no_output(
     assert code == 2
     assert re.search(pattern, _error_line(capsys.readouterr().err))
     assert not out.parent.exists()
+    assert not list((tmp_path / "c").rglob("*.npz")), "features were extracted before the check"
 
 
 @pytest.fixture()

@@ -1,0 +1,290 @@
+"""Cityscapes semantic segmentation (Segmenter on mmseg): linear probe or fine-tuning, any checkpoint.
+
+One mmengine run per training split (French et al. 100/372 splits x seeds, or the full 2975),
+each in its own work directory with its split file, mmengine checkpoints (``resume``) and a
+``result.json``; a finished split is not run again. Returns mIoU, aAcc, mAcc and per-class IoU
+per split and their mean +- std (population std, as for low-shot).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from moca_eval.errors import ConfigError
+from moca_eval.results import backbone_info, provenance, write_json_atomic
+from moca_eval.segmentation import cityscapes as cs
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+Mode = Literal["linear", "finetune"]
+# PROTOCOLS.md: linear low-shot 100 epochs per split, fine-tuning and the full set 216 epochs.
+LOWSHOT_LINEAR_EPOCHS = 100
+DEFAULT_EPOCHS = 216
+
+
+@dataclass(frozen=True)
+class SegConfig:
+    """One ``moca-eval seg`` run (defaults: PROTOCOLS.md's Segmenter Cityscapes recipe)."""
+
+    ckpt: Path
+    data: Path
+    mode: Mode = "linear"
+    train_size: str = "100"  # "100", "372" or "full"
+    split_seeds: tuple[int, ...] = cs.SPLIT_SEEDS
+    names_file: Path | None = None  # a custom list of train images instead of French splits
+    lr: float = 0.01
+    epochs: float | None = None  # None: 100 (linear, low-shot) or 216
+    iters: int | None = None  # overrides epochs
+    batch_size: int = 8  # global, over all processes
+    crop_size: int = 768
+    stride: int = 512
+    resize_scale: tuple[int, int] = (2048, 1024)  # (long, short) side before the 0.5-2.0 jitter
+    layer_decay: float | None = None  # fine-tuning only
+    work_dir: Path = Path("runs/seg")
+    resume: bool = False
+    num_workers: int = 4
+    save_every: int = 2000  # iterations between mmengine checkpoints
+    save_predictions: bool = False  # val predictions as PNG (trainIds) per split
+    seed: int = 0  # training randomness (the split seeds choose the images)
+    arch: str | None = None
+    checkpoint_key: str | None = None
+    fmt: str | None = None
+    student: bool = False
+    num_heads: int | None = None
+
+    def validate(self) -> SegConfig:
+        if self.mode not in ("linear", "finetune"):
+            raise ConfigError(f"unknown mode {self.mode!r} (linear or finetune)")
+        if self.train_size not in cs.TRAIN_SIZES:
+            raise ConfigError(f"unknown train size {self.train_size!r} ({', '.join(cs.TRAIN_SIZES)})")
+        if self.layer_decay is not None and self.mode != "finetune":
+            raise ConfigError("--layer-decay applies to fine-tuning only (the linear probe is frozen)")
+        for name in ("batch_size", "crop_size", "stride"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.iters is not None and self.iters < 1 or self.epochs is not None and self.epochs <= 0:
+            raise ConfigError("iters and epochs must be positive")
+        return self
+
+    def resolved_epochs(self) -> float:
+        if self.epochs is not None:
+            return self.epochs
+        lowshot = self.train_size != "full" or self.names_file is not None
+        return LOWSHOT_LINEAR_EPOCHS if self.mode == "linear" and lowshot else DEFAULT_EPOCHS
+
+    def iterations(self, n_train: int) -> int:
+        return self.iters or max(1, math.ceil(self.resolved_epochs() * n_train / self.batch_size))
+
+
+@dataclass
+class SplitScore:
+    """The evaluation of one trained split."""
+
+    split: str  # "100-seed12345", "full", "custom"
+    seed: int | None
+    n_train: int
+    names_sha256: str
+    iters: int
+    miou: float
+    aacc: float
+    macc: float
+    per_class_iou: dict[str, float]
+    work_dir: str
+
+
+@dataclass
+class SegResult:
+    mode: str
+    train_size: str
+    splits: list[SplitScore]
+    miou_mean: float
+    miou_std: float
+    per_class_mean: dict[str, float]
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"protocol": "segmentation", "dataset": "cityscapes", "mode": self.mode,
+                "train_size": self.train_size, "miou_mean": self.miou_mean, "miou_std": self.miou_std,
+                "per_class_mean": self.per_class_mean, "splits": [asdict(s) for s in self.splits],
+                **self.meta}
+
+
+def names_sha256(names: list[str]) -> str:
+    return hashlib.sha256("".join(n + "\n" for n in names).encode()).hexdigest()
+
+
+def training_splits(cfg: SegConfig) -> list[tuple[str, int | None, list[str]]]:
+    """``(tag, seed, names)`` of every split to train on (checks the layout first)."""
+    cs.list_pairs(cfg.data, "train")
+    cs.list_pairs(cfg.data, "val")
+    names = cs.train_names(cfg.data)
+    if cfg.names_file is not None:
+        chosen = cs.read_names(cfg.names_file)
+        cs.check_names_known(chosen, names, cfg.names_file)
+        return [("custom", None, chosen)]
+    size = cs.TRAIN_SIZES[cfg.train_size]
+    if len(names) != cs.FULL_TRAIN_COUNT:
+        log.warning("%s has %d train images, not Cityscapes' %d: the French et al. splits are only "
+                    "the published ones on the real train set", cfg.data, len(names), cs.FULL_TRAIN_COUNT)
+    if size is None:
+        return [("full", None, names)]
+    return [(f"{size}-seed{seed}", seed, cs.french_split(names, size, seed)) for seed in cfg.split_seeds]
+
+
+def mm_config(cfg: SegConfig, *, embed_dim: int, num_heads: int, split_file: Path, iters: int,
+              work_dir: Path, world_size: int):
+    """The mmengine ``Config`` of one split: the mode's config file with this run's values."""
+    from mmengine.config import Config
+
+    c = Config.fromfile(str(CONFIG_DIR / f"segmenter_{cfg.mode}.py"))
+    crop = (cfg.crop_size, cfg.crop_size)
+    c.work_dir = str(work_dir)
+    c.experiment_name = f"{work_dir.name}_{time.strftime('%Y%m%d_%H%M%S')}_{os.getpid()}"
+    c.resume = cfg.resume
+    c.randomness = dict(seed=cfg.seed)
+    c.launcher = "pytorch" if world_size > 1 else "none"
+    c.data_preprocessor.size = crop
+    m = c.model
+    m.data_preprocessor.size = crop
+    m.backbone.update(checkpoint=str(cfg.ckpt), img_size=cfg.crop_size, arch=cfg.arch,
+                      checkpoint_key=cfg.checkpoint_key, fmt=cfg.fmt, student=cfg.student,
+                      num_heads=cfg.num_heads)
+    m.decode_head.update(in_channels=embed_dim, channels=embed_dim)
+    if cfg.mode == "finetune":
+        m.decode_head.update(embed_dims=embed_dim, num_heads=num_heads)
+    m.test_cfg.update(crop_size=crop, stride=(cfg.stride, cfg.stride))
+    for step in c.train_dataloader.dataset.pipeline:
+        if step.type == "RandomResize":
+            step.scale = cfg.resize_scale
+        elif step.type == "RandomCrop":
+            step.crop_size = crop
+    for step in c.val_dataloader.dataset.pipeline:
+        if step.type == "Resize":
+            step.scale = cfg.resize_scale
+    for loader in (c.train_dataloader, c.val_dataloader, c.test_dataloader):
+        loader.dataset.data_root = str(cfg.data)
+        loader.num_workers = cfg.num_workers
+        loader.persistent_workers = cfg.num_workers > 0
+    c.train_dataloader.dataset.ann_file = str(split_file)
+    c.train_dataloader.batch_size = max(1, cfg.batch_size // world_size)
+    if cfg.save_predictions:
+        c.val_evaluator.output_dir = str(work_dir / "predictions")
+    c.optim_wrapper.optimizer.lr = cfg.lr
+    if cfg.layer_decay is not None:
+        c.optim_wrapper.constructor = "ViTLayerDecayOptimizerConstructor"
+        c.optim_wrapper.paramwise_cfg = dict(layer_decay=cfg.layer_decay)
+    if _cuda():
+        c.optim_wrapper.type = "AmpOptimWrapper"
+        c.optim_wrapper.dtype = "bfloat16"
+    else:
+        c.env_cfg.dist_cfg.backend = "gloo"
+    c.param_scheduler[0].end = iters
+    c.train_cfg.update(max_iters=iters, val_interval=iters + 1)  # evaluated once, after training
+    c.default_hooks.checkpoint.interval = min(cfg.save_every, iters)
+    c.default_hooks.logger.interval = max(1, min(50, iters // 10))
+    return c
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def train_and_evaluate(c) -> dict[str, float]:
+    """Run mmengine's training loop (resuming when ``c.resume``) then the val loop."""
+    from mmengine.runner import Runner
+
+    from moca_eval.mm_utils import mmengine_checkpoints
+
+    runner = Runner.from_cfg(c)
+    with mmengine_checkpoints():
+        runner.train()
+    return runner.val()
+
+
+def run(cfg: SegConfig) -> SegResult:
+    """Train and evaluate every split of ``cfg``; see the module docstring."""
+    from mmengine.dist import get_world_size, is_main_process
+
+    from moca_eval.checkpoints import load_backbone
+
+    cfg = cfg.validate()
+    splits = training_splits(cfg)
+    backbone = load_backbone(cfg.ckpt, img_size=cfg.crop_size, arch=cfg.arch,
+                             checkpoint_key=cfg.checkpoint_key, fmt=cfg.fmt, student=cfg.student,
+                             num_heads=cfg.num_heads)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    started = time.time()
+    scores = []
+    for tag, seed, names in splits:
+        work_dir = cfg.work_dir / f"{cfg.mode}-{tag}"
+        done = work_dir / "result.json"
+        iters = cfg.iterations(len(names))
+        digest = names_sha256(names)
+        key = fingerprint(cfg, names_digest=digest, iters=iters, ckpt_sha=backbone.sha256)
+        previous = _finished(done, key)
+        if previous is not None:
+            log.info("%s: already evaluated, reusing %s", tag, done)
+            scores.append(previous)
+            continue
+        work_dir.mkdir(parents=True, exist_ok=True)
+        split_file = work_dir / "train_split.txt"
+        cs.write_names(split_file, names)
+        c = mm_config(cfg, embed_dim=backbone.arch.embed_dim, num_heads=backbone.arch.num_heads,
+                      split_file=split_file, iters=iters, work_dir=work_dir,
+                      world_size=max(world_size, get_world_size()))
+        metrics = train_and_evaluate(c)
+        score = SplitScore(tag, seed, len(names), digest, iters, float(metrics["mIoU"]),
+                           float(metrics["aAcc"]), float(metrics["mAcc"]),
+                           {name: metrics[f"IoU.{name}"] for name in cs.CLASSES}, str(work_dir))
+        if is_main_process():
+            write_json_atomic(done, {"score": asdict(score), "fingerprint": key})
+        scores.append(score)
+    mious = np.array([s.miou for s in scores])
+    per_class = {name: _nanmean([s.per_class_iou[name] for s in scores]) for name in cs.CLASSES}
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+    meta = {"checkpoint": backbone_info(backbone), "config": config,
+            "provenance": provenance(wall_time_s=round(time.time() - started, 1))}
+    return SegResult(cfg.mode, cfg.train_size if cfg.names_file is None else "custom", scores,
+                     float(mious.mean()), float(mious.std()), per_class, meta)
+
+
+# Settings that do not change what a split's training computes.
+RUNTIME_FIELDS = ("work_dir", "resume", "num_workers", "save_every", "save_predictions", "split_seeds",
+                  "names_file")
+
+
+def fingerprint(cfg: SegConfig, *, names_digest: str, iters: int, ckpt_sha: str) -> str:
+    """What a split's result depends on: the training images, the checkpoint, every setting."""
+    import json
+
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS and k != "ckpt"}
+    blob = json.dumps([settings, names_digest, iters, ckpt_sha], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _finished(path: Path, key: str) -> SplitScore | None:
+    """The stored score of a split whose ``fingerprint`` is ``key`` (else, or unreadable: None)."""
+    import json
+
+    try:
+        stored = json.loads(path.read_text())
+        return SplitScore(**stored["score"]) if stored.get("fingerprint") == key else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
