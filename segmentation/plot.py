@@ -35,7 +35,8 @@ def plot_per_class_iou(result: dict, out: Path) -> Path:
     ax.set_ylabel("IoU (%)")
     ax.set_ylim(0, 100)
     splits = len(result["splits"])
-    ax.set_title(f"Cityscapes {result['mode']} ({result['train_size']} images"
+    size = "full train set" if result["train_size"] == "full" else f"{result['train_size']} images"
+    ax.set_title(f"Cityscapes {result['mode']} ({size}"
                  f"{f', mean +- std over {splits} splits' if splits > 1 else ''})")
     ax.legend(loc="upper right")
     out = Path(out)

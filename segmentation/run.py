@@ -19,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 
+from moca_eval import distributed
 from moca_eval.errors import ConfigError
 from moca_eval.results import backbone_info, provenance, write_json_atomic
 from moca_eval.segmentation import cityscapes as cs
@@ -188,6 +189,8 @@ def mm_config(cfg: SegConfig, *, embed_dim: int, num_heads: int, split_file: Pat
         c.optim_wrapper.dtype = "bfloat16"
     else:
         c.env_cfg.dist_cfg.backend = "gloo"
+        # mmengine's default wrapper pins DDP to device LOCAL_RANK, which only exists on GPUs
+        c.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
     c.param_scheduler[0].end = iters
     c.train_cfg.update(max_iters=iters, val_interval=iters + 1)  # evaluated once, after training
     c.default_hooks.checkpoint.interval = min(cfg.save_every, iters)
@@ -225,6 +228,8 @@ def run(cfg: SegConfig) -> SegResult:
                              checkpoint_key=cfg.checkpoint_key, fmt=cfg.fmt, student=cfg.student,
                              num_heads=cfg.num_heads)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not _cuda():
+        distributed.init_from_env("cpu")  # mmengine's own launcher needs CUDA; it joins this gloo group
     started = time.time()
     scores = []
     for tag, seed, names in splits:

@@ -102,8 +102,8 @@ def _train(args: argparse.Namespace, cs) -> int:
              "mAcc": s.macc} for s in result.splits]
     output = args.output or work_dir / "results.json"
     common.emit(rows, COLUMNS, payload, output,
-                title=f"Cityscapes {result.mode}, {result.train_size} images: mIoU "
-                      f"{result.miou_mean:.2f} +- {result.miou_std:.2f}")
+                title=f"Cityscapes {result.mode}, train set {result.train_size}: mIoU "
+                      f"{result.miou_mean:.2f} +- {result.miou_std:.2f} over {len(result.splits)} split(s)")
     if common.is_main_process():
         print(f"per-class IoU chart: {plot_per_class_iou(payload, output.with_suffix('.png'))}")
     return 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +144,20 @@ def test_bad_inputs_are_one_line_errors(tiny_checkpoint, cityscapes, tmp_path, c
     code = main(["seg", "--ckpt", str(tiny_checkpoint), "--data", str(cityscapes), "--mode", "linear",
                  "--layer-decay", "0.65"])
     assert code == 2 and "fine-tuning only" in capsys.readouterr().err
+
+
+def test_two_processes_through_mmengines_launcher(tiny_checkpoint, cityscapes, tmp_path):
+    """torchrun with 2 gloo processes: mmengine's 'pytorch' launcher, val sharded and gathered."""
+    work = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "moca_eval", "seg", "--ckpt", str(tiny_checkpoint), "--data", str(cityscapes), "--train-size",
+           "full", "--iters", "2", "--batch-size", "2", "--crop-size", str(CROP), "--stride", "48",
+           "--resize-scale", "256", "128", "--num-workers", "0", "--work-dir", str(work),
+           "--save-predictions"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((work / "results.json").read_text())
+    assert result["config"]["batch_size"] == 2 and done.stdout.count("per-class IoU chart") == 1
+    miou, _ = confusion_miou(work / "linear-full" / "predictions", cityscapes)
+    assert result["splits"][0]["miou"] == pytest.approx(miou, abs=0.006)  # both val shards counted
