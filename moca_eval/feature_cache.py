@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from moca_eval.data import ImageFolderIndex
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: bf16 on CPU runs a bf16 copy of the model instead of autocast
 
 
 def cache_key(backbone: LoadedBackbone, index: ImageFolderIndex, transform: Any, name: str,

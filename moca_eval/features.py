@@ -8,6 +8,7 @@ DINO's linear-probe feature, N=4 for ViT-S).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -173,7 +174,11 @@ def _run_backbone(backbone: LoadedBackbone, index: ImageFolderIndex, names: Sequ
                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     info = distributed.current()
     device = cfg.resolved_device()
-    model = backbone.model.to(device).eval()
+    model, dtype = backbone.model, torch.float32
+    if precision == "bf16" and device.type == "cpu":
+        # a copy cast to bf16 beats CPU autocast, which converts around every matmul (BENCHMARKS.md)
+        model, dtype = copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16
+    model = model.to(device).eval()
     rows = range(info.rank, len(index), info.world_size)
     loader = DataLoader(
         ImageDataset(index, transform, rows), batch_size=cfg.batch_size, shuffle=False,
@@ -184,11 +189,11 @@ def _run_backbone(backbone: LoadedBackbone, index: ImageFolderIndex, names: Sequ
     done_rows: list[torch.Tensor] = []
     bar = tqdm(loader, desc=f"features {index.root.name}", unit="batch", disable=not info.is_main)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                 enabled=precision == "bf16"):
+                                                 enabled=precision == "bf16" and device.type != "cpu"):
         for images, batch_rows, _bad in bar:
             if len(batch_rows) == 0:
                 continue
-            feats = compute_features(model, images.to(device, non_blocking=True), names)
+            feats = compute_features(model, images.to(device, dtype, non_blocking=True), names)
             for n in names:
                 parts[n].append(feats[n].cpu())
             done_rows.append(batch_rows)

@@ -101,3 +101,18 @@ def test_cache_key_changes_with_transform_and_dataset(tiny_setup, tmp_path) -> N
     assert base != cache_key(backbone, index, eval_transform(32, interpolation="bilinear"), "avg", "fp32")
     assert base != cache_key(backbone, index, eval_transform(32), "avg", "bf16")
     assert base != cache_key(backbone, index.subset(range(5)), eval_transform(32), "avg", "fp32")
+
+
+def test_cpu_bf16_runs_a_bf16_copy_close_to_fp32_and_leaves_the_backbone_fp32(tiny_setup) -> None:
+    data, ckpt = tiny_setup
+    backbone = load_backbone(ckpt, img_size=32)
+    index = load_split(data, "val")
+    run = {p: extract_features(backbone, index, ["avg", "cls"], ExtractConfig(
+        num_workers=0, device="cpu", precision=p, cache_dir=None), transform=eval_transform(32))
+        for p in ("fp32", "bf16")}
+    assert all(p.dtype == torch.float32 for p in backbone.model.parameters())
+    for name in ("avg", "cls"):
+        a, b = run["fp32"].features[name], run["bf16"].features[name]
+        assert b.dtype == np.float32 and not np.array_equal(a, b)  # really computed in bf16
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cos.min() > 0.999, cos.min()
