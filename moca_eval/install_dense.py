@@ -12,7 +12,7 @@ needs what the sdist does not say: its ``-std=c++14/17`` flags raised to ``-std=
 a wheel WITHOUT the compiled ops; the wheel is checked for them). CUDA ops are built where
 torch sees a GPU (mmcv's own rule; ``FORCE_CUDA=1`` forces it). Then the ``[dense]`` extra
 of moca-eval is installed (mmengine, mmsegmentation, mmdet and what they import undeclared).
-About 30 minutes for the CPU build on 2 cores.
+About 15 minutes for the CPU build on 2 cores (ninja).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def build_mmcv_wheel(dest: Path) -> Path:
             raise InstallError(f"{src / 'setup.py'}: no -std=c++14/17 flag found to raise to C++20")
         env = {**os.environ, "MMCV_WITH_OPS": "1", "MAX_JOBS": str(os.cpu_count() or 1)}
         print(f"building mmcv {MMCV_VERSION} with ops ({count} C++ flags set to c++20); "
-              "about 30 minutes on 2 cores", flush=True)
+              "about 15 minutes on 2 cores", flush=True)
         started = time.time()
         out = work / "wheel"
         _pip("wheel", "--no-build-isolation", "--no-deps", "-w", str(out), str(src), env=env)

@@ -2,8 +2,13 @@
 
 - ``build_dense_vit``: the timm ViT of any checkpoint moca-eval reads, rebuilt with drop path
   and a dynamic input size (position table resampled on the fly, input padded to the patch).
-- ``layer_decay_param_groups``: timm's layer-wise lr decay groups for that ViT, with the lr
-  already scaled (mmengine's optimizers and schedulers know no ``lr_scale``).
+- ``layer_decay_param_groups``: BEiT/MAE layer-wise lr decay groups for that ViT (PROTOCOLS.md's
+  rule; timm's own groups put a bare ViT's final norm into the last block and so scale every
+  layer by one factor of decay too little), the lr already scaled (mmengine's optimizers and
+  schedulers know no ``lr_scale``).
+- ``ViTLayerDecayOptimizerConstructor`` (in mmengine's root registry, so mmseg and mmdet
+  configs find it): ``model.backbone.vit`` in those groups, every other trainable parameter at
+  the base lr; no weight decay on 1-d parameters (norms, biases), the pos-embed, the cls token.
 - ``mmengine_checkpoints``: mmengine 0.10.7 calls ``torch.load`` without ``weights_only``; under
   torch >= 2.6 its own resume checkpoints (numpy arrays and scalars, its ``HistoryBuffer`` log
   state) need an allow-list, applied inside the block and nowhere else (user checkpoints are
@@ -46,22 +51,34 @@ def patch_token_map(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(x.shape[0], -1, *grid)
 
 
+def vit_layer_id(name: str, depth: int) -> int:
+    """BEiT/MAE layer ids (PROTOCOLS.md): patch embed, cls/register tokens, pos-embed and the
+    pre-norm are 0, block i is i + 1, everything after the blocks is depth + 1."""
+    if name.startswith(("patch_embed.", "cls_token", "reg_token", "pos_embed", "norm_pre.")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
 def layer_decay_param_groups(vit: nn.Module, *, lr: float, weight_decay: float, layer_decay: float
                              ) -> list[dict]:
-    """timm's groups: lr x ``layer_decay ** (depth + 1 - layer)`` (patch embed, pos-embed and cls
-    token are layer 0, block i is layer i + 1), no weight decay on 1-d parameters (norms,
-    biases) and on ``vit.no_weight_decay()`` (pos-embed, cls token). Frozen parameters are left out."""
-    from timm.optim import param_groups_layer_decay
-
-    groups = param_groups_layer_decay(vit, weight_decay=weight_decay, layer_decay=layer_decay,
-                                      no_weight_decay_list=list(vit.no_weight_decay()))
-    out = []
-    for group in groups:
-        params = [p for p in group["params"] if p.requires_grad]
-        if params:
-            out.append({"params": params, "lr": lr * group["lr_scale"],
-                        "weight_decay": group["weight_decay"]})
-    return out
+    """lr x ``layer_decay ** (depth + 1 - layer)`` (``vit_layer_id``), no weight decay on 1-d
+    parameters (norms, biases) and on ``vit.no_weight_decay()`` (pos-embed, cls token). Frozen
+    parameters are left out."""
+    depth = len(vit.blocks)
+    no_wd = set(vit.no_weight_decay())
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in vit.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = vit_layer_id(name, depth)
+        decayed = param.ndim > 1 and name not in no_wd
+        group = groups.setdefault((layer, decayed), {
+            "params": [], "lr": lr * layer_decay ** (depth + 1 - layer),
+            "weight_decay": weight_decay if decayed else 0.0})
+        group["params"].append(param)
+    return list(groups.values())
 
 
 def mmengine_globals() -> list:
@@ -86,3 +103,31 @@ def mmengine_checkpoints() -> Iterator[None]:
             yield
     finally:
         HistoryBuffer.__getstate__ = saved
+
+
+def _register_constructor() -> type:
+    from mmengine.optim import DefaultOptimWrapperConstructor
+    from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
+
+    @OPTIM_WRAPPER_CONSTRUCTORS.register_module(force=True)
+    class ViTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
+        """``paramwise_cfg=dict(layer_decay=0.75)``: see the module docstring."""
+
+        def add_params(self, params: list[dict], module: nn.Module, prefix: str = "",
+                       is_dcn_module=None) -> None:
+            vit = module.backbone.vit
+            wd = self.base_wd or 0.0
+            params.extend(layer_decay_param_groups(vit, lr=self.base_lr, weight_decay=wd,
+                                                   layer_decay=self.paramwise_cfg.get("layer_decay", 1.0)))
+            in_vit = {id(p) for p in vit.parameters()}
+            rest = [p for p in module.parameters() if p.requires_grad and id(p) not in in_vit]
+            for decayed in (True, False):
+                group = [p for p in rest if (p.ndim > 1) == decayed]
+                if group:
+                    params.append({"params": group, "lr": self.base_lr,
+                                   "weight_decay": wd if decayed else 0.0})
+
+    return ViTLayerDecayOptimizerConstructor
+
+
+ViTLayerDecayOptimizerConstructor = _register_constructor()

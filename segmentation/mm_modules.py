@@ -4,8 +4,7 @@
   (so every layout it reads works; ``moca_eval.mm_utils.build_dense_vit``), giving the final-LN
   patch tokens as one ``[B, D, H/p, W/p]`` map. ``frozen``: no gradients, always in eval mode.
 - ``PerClassIoUMetric``: mmseg's ``IoUMetric`` that also returns every class's IoU.
-- ``ViTLayerDecayOptimizerConstructor``: timm's layer-wise lr decay groups for the backbone,
-  the decode head at the full lr.
+- (fine-tuning with ``--layer-decay`` uses ``moca_eval.mm_utils.ViTLayerDecayOptimizerConstructor``)
 """
 
 from __future__ import annotations
@@ -13,12 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from mmengine.model import BaseModule
-from mmengine.optim import DefaultOptimWrapperConstructor
 from mmseg.evaluation import IoUMetric
-from mmseg.registry import METRICS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
-from torch import nn
+from mmseg.registry import METRICS, MODELS
 
-from moca_eval.mm_utils import build_dense_vit, layer_decay_param_groups, patch_token_map
+from moca_eval.mm_utils import build_dense_vit, patch_token_map
 
 
 @MODELS.register_module()
@@ -64,18 +61,3 @@ class PerClassIoUMetric(IoUMetric):
         for name, value in zip(self.dataset_meta["classes"], iou):
             metrics[f"IoU.{name}"] = float(value * 100)
         return metrics
-
-
-@OPTIM_WRAPPER_CONSTRUCTORS.register_module()
-class ViTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
-    """``paramwise_cfg=dict(layer_decay=0.65)``: the backbone ViT's parameters in timm's
-    layer-decay groups (lr x ``decay ** (depth + 1 - layer)``, no weight decay on norms,
-    biases, pos-embed and cls token), every other parameter at the base lr."""
-
-    def add_params(self, params: list[dict], module: nn.Module, prefix: str = "", is_dcn_module=None) -> None:
-        vit = module.backbone.vit
-        params.extend(layer_decay_param_groups(vit, lr=self.base_lr, weight_decay=self.base_wd or 0.0,
-                                               layer_decay=self.paramwise_cfg.get("layer_decay", 1.0)))
-        backbone_ids = {id(p) for p in vit.parameters()}
-        rest = [p for p in module.parameters() if p.requires_grad and id(p) not in backbone_ids]
-        params.append({"params": rest, "lr": self.base_lr, "weight_decay": self.base_wd or 0.0})

@@ -192,7 +192,9 @@ def mm_config(cfg: SegConfig, *, embed_dim: int, num_heads: int, split_file: Pat
         # mmengine's default wrapper pins DDP to device LOCAL_RANK, which only exists on GPUs
         c.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
     c.param_scheduler[0].end = iters
-    c.train_cfg.update(max_iters=iters, val_interval=iters + 1)  # evaluated once, after training
+    # evaluated once, by run() after training (mmengine's loop also validates at its last iteration
+    # unless val_begin lies beyond it)
+    c.train_cfg.update(max_iters=iters, val_interval=iters + 1, val_begin=iters + 1)
     c.default_hooks.checkpoint.interval = min(cfg.save_every, iters)
     c.default_hooks.logger.interval = max(1, min(50, iters // 10))
     return c

@@ -66,7 +66,8 @@ test_evaluator = val_evaluator
 max_iters = 80_000
 optim_wrapper = dict(type="OptimWrapper", optimizer=dict(type="SGD", lr=0.01, momentum=0.9, weight_decay=0.0))
 param_scheduler = [dict(type="PolyLR", eta_min=1e-5, power=0.9, begin=0, end=max_iters, by_epoch=False)]
-train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters + 1)
+train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters + 1,
+                 val_begin=max_iters + 1)
 val_cfg = dict(type="ValLoop")
 test_cfg = dict(type="TestLoop")
 

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from moca_eval.protocols import training
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads on a shared machine (module scope: fixtures too)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _protocols_one_thread(one_thread):
+    """Every protocol test module runs with one torch thread (module scope: fixtures too)."""
 
 
 @pytest.fixture

@@ -1,0 +1,313 @@
+"""COCO detection and instance segmentation (Cascade Mask R-CNN on mmdet), any checkpoint.
+
+One mmengine run in ``work_dir``: training (resumable from its per-epoch checkpoints) then one
+evaluation on val (COCO box and mask AP, AP50, AP75, APs/m/l through mmdet's ``CocoMetric``),
+or only the evaluation of given weights (``eval_only``). ``result.json`` (or ``eval.json``)
+records the figures with a fingerprint of everything they depend on, so a finished run is
+reused instead of trained again. The val predictions stay in ``work_dir/predictions/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from moca_eval import distributed
+from moca_eval.checkpoint_io import sha256_file
+from moca_eval.detection import coco
+from moca_eval.errors import ConfigError
+from moca_eval.results import backbone_info, provenance, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = Path(__file__).parent / "configs" / "cascade_mask_rcnn_vit_fpn_1x_coco.py"
+# 1x: lr /10 after epochs 8 and 11 of 12; other lengths keep the same fractions.
+MILESTONE_FRACTIONS = (8 / 12, 11 / 12)
+# mmdet's CocoMetric keys (fractions, 3 decimals) -> the figures reported (percent).
+AP_KEYS = {"AP": "mAP", "AP50": "mAP_50", "AP75": "mAP_75", "APs": "mAP_s", "APm": "mAP_m", "APl": "mAP_l"}
+IOU_TYPES = ("bbox", "segm")
+
+
+@dataclass(frozen=True)
+class DetConfig:
+    """One ``moca-eval det`` run (defaults: PROTOCOLS.md's COCO recipe, iBOT's setup)."""
+
+    ckpt: Path
+    data: Path
+    epochs: int = 12
+    lr: float = 2e-4  # the paper; iBOT's recipe: 1e-4
+    layer_decay: float = 0.75  # iBOT's ViT-B detection command
+    weight_decay: float = 0.05
+    drop_path_rate: float = 0.2
+    batch_size: int = 16  # global, over processes and gradient-accumulation steps
+    per_gpu_batch: int = 2
+    warmup_iters: int = 500  # optimizer steps
+    train_short_sides: tuple[int, ...] = tuple(range(480, 801, 32))
+    max_long_side: int = 1333
+    test_short_side: int = 800  # the crop branch's 400-600 / 384-600 scale with it (/800)
+    random_crop: bool = True  # the DETR-style crop branch (chosen for half of the images)
+    with_cp: bool = False  # activation checkpointing over the ViT blocks
+    work_dir: Path = Path("runs/det")
+    resume: bool = False
+    eval_only: bool = False
+    weights: Path | None = None  # eval_only: an mmengine checkpoint of this detector
+    num_workers: int = 4
+    num_preview: int = 4  # val images drawn with their predictions
+    seed: int = 0
+    cfg_options: dict | None = None  # mmengine overrides by dotted key, applied last
+    arch: str | None = None
+    checkpoint_key: str | None = None
+    fmt: str | None = None
+    student: bool = False
+    num_heads: int | None = None
+
+    def validate(self) -> DetConfig:
+        for name in ("epochs", "batch_size", "per_gpu_batch", "max_long_side", "test_short_side"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.warmup_iters < 0 or self.num_preview < 0:
+            raise ConfigError("warmup_iters and num_preview cannot be negative")
+        if not self.train_short_sides or min(self.train_short_sides) < 1:
+            raise ConfigError(f"train_short_sides must be positive sizes, got {self.train_short_sides}")
+        if self.lr <= 0 or not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"lr must be positive and layer_decay in (0, 1], got {self.lr}, "
+                              f"{self.layer_decay}")
+        if self.eval_only != (self.weights is not None):
+            raise ConfigError("--eval-only and --weights W.pth go together (evaluate the detector in W.pth)")
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise ConfigError(f"{self.weights}: no such weights file")
+        return self
+
+    def batch_split(self, world_size: int) -> tuple[int, int]:
+        """``(images per process and step, accumulation steps)`` that make ``batch_size``."""
+        per_process, rest = divmod(self.batch_size, world_size)
+        per_step = min(self.per_gpu_batch, per_process)
+        if rest or not per_step or per_process % per_step:
+            raise ConfigError(f"batch size {self.batch_size} cannot be split over {world_size} process(es) "
+                              f"with {self.per_gpu_batch} image(s) each per step (use a multiple of "
+                              f"{self.per_gpu_batch * world_size})")
+        return per_step, per_process // per_step
+
+    def milestones(self) -> list[int]:
+        return [max(1, round(self.epochs * f)) for f in MILESTONE_FRACTIONS]
+
+
+@dataclass
+class DetResult:
+    bbox: dict[str, float]  # AP, AP50, AP75, APs, APm, APl in percent (-1: no such ground truth)
+    segm: dict[str, float]
+    epochs: int
+    work_dir: str
+    eval_only: bool = False
+    preview: str | None = None  # PNG of a few val images with the predictions drawn
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"protocol": "detection", "dataset": "coco", "model": "cascade_mask_rcnn_vit_fpn",
+                "bbox": self.bbox, "segm": self.segm, "epochs": self.epochs, "eval_only": self.eval_only,
+                "work_dir": self.work_dir, "preview": self.preview, **self.meta}
+
+
+def ap_table(metrics: dict[str, float], iou_type: str) -> dict[str, float]:
+    """mmdet's ``coco/<type>_mAP...`` fractions as AP figures in percent (-1 stays -1)."""
+    out = {}
+    for name, key in AP_KEYS.items():
+        value = float(metrics[f"coco/{iou_type}_{key}"])
+        out[name] = -1.0 if value < 0 else round(value * 100, 1)
+    return out
+
+
+def _scaled(size: int, cfg: DetConfig) -> int:
+    return max(1, round(size * cfg.test_short_side / 800))
+
+
+def _train_pipeline(c, cfg: DetConfig) -> None:
+    scales = [(s, cfg.max_long_side) for s in cfg.train_short_sides]
+    choice = next(step for step in c.train_dataloader.dataset.pipeline if step.type == "RandomChoice")
+    plain, crop = choice.transforms
+    plain[0].scales = scales
+    crop[0].scales = [(_scaled(s, cfg), cfg.max_long_side) for s in (400, 500, 600)]
+    crop[1].crop_size = (_scaled(384, cfg), _scaled(600, cfg))
+    crop[2].scales = scales
+    if not cfg.random_crop:
+        choice.transforms = [plain]
+
+
+def mm_config(cfg: DetConfig, *, embed_dim: int, classes: tuple[str, ...], world_size: int):
+    """The mmengine ``Config`` of this run: the config file with this run's values."""
+    from mmengine.config import Config
+
+    c = Config.fromfile(str(CONFIG_FILE))
+    work_dir = Path(cfg.work_dir)
+    c.work_dir = str(work_dir)
+    c.experiment_name = f"{work_dir.name}_{time.strftime('%Y%m%d_%H%M%S')}_{os.getpid()}"
+    c.resume = cfg.resume and not cfg.eval_only
+    c.load_from = str(cfg.weights) if cfg.eval_only else None
+    c.randomness = dict(seed=cfg.seed)
+    c.launcher = "pytorch" if world_size > 1 else "none"
+    m = c.model
+    m.backbone.update(checkpoint=str(cfg.ckpt), drop_path_rate=cfg.drop_path_rate, with_cp=cfg.with_cp,
+                      arch=cfg.arch, checkpoint_key=cfg.checkpoint_key, fmt=cfg.fmt, student=cfg.student,
+                      num_heads=cfg.num_heads)
+    m.neck.in_channels = [embed_dim] * 4
+    for head in m.roi_head.bbox_head:
+        head.num_classes = len(classes)
+    m.roi_head.mask_head.num_classes = len(classes)
+    if not _cuda():  # SyncBN needs GPUs once a process group exists; same maths on one process
+        for norm in [m.backbone.norm_cfg, *(h.norm_cfg for h in m.roi_head.bbox_head)]:
+            norm.type = "BN"
+        c.env_cfg.dist_cfg.backend = "gloo"
+        # mmengine's wrapper pins DDP to cuda:LOCAL_RANK; CPU modules need device_ids=None
+        c.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
+    _train_pipeline(c, cfg)
+    for step in c.val_dataloader.dataset.pipeline:
+        if step.type == "Resize":
+            step.scale = (cfg.max_long_side, cfg.test_short_side)
+    per_step, accumulate = cfg.batch_split(world_size)
+    for loader, split in ((c.train_dataloader, "train"), (c.val_dataloader, "val")):
+        loader.dataset.update(data_root=str(cfg.data), ann_file=str(coco.ann_file(Path(), split)),
+                              data_prefix=dict(img=f"{coco.image_dir(Path(), split)}/"),
+                              metainfo=dict(classes=classes))
+        loader.num_workers = cfg.num_workers
+        loader.persistent_workers = cfg.num_workers > 0
+    c.test_dataloader = c.val_dataloader
+    c.train_dataloader.batch_size = per_step
+    c.val_evaluator.update(ann_file=str(coco.ann_file(cfg.data, "val")),
+                           outfile_prefix=str(work_dir / "predictions" / "val"))
+    c.test_evaluator = c.val_evaluator
+    _optimizer(c, cfg, accumulate)
+    c.default_hooks.logger.interval = 50
+    if cfg.cfg_options:
+        c.merge_from_dict(dict(cfg.cfg_options))
+    return c
+
+
+def _optimizer(c, cfg: DetConfig, accumulate: int) -> None:
+    ow = c.optim_wrapper
+    ow.optimizer.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ow.paramwise_cfg.layer_decay = cfg.layer_decay
+    ow.accumulative_counts = accumulate
+    if _cuda():
+        ow.type = "AmpOptimWrapper"
+        ow.dtype = "bfloat16"
+    warmup, steps = c.param_scheduler
+    warmup.end = cfg.warmup_iters * accumulate  # scheduler steps count micro-batches
+    if not cfg.warmup_iters:
+        c.param_scheduler = [steps]
+    steps.update(end=cfg.epochs, milestones=cfg.milestones())
+    c.train_cfg.update(max_epochs=cfg.epochs, val_begin=cfg.epochs + 1)  # evaluated once, after training
+
+
+def require_stack() -> None:
+    """mmdet, mmcv with its compiled ops, pycocotools: importable, or a ``ConfigError`` saying how."""
+    try:
+        import mmcv.ops  # noqa: F401
+        import mmdet  # noqa: F401
+        import pycocotools.mask  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"the detection stack is not installed ({err}); run "
+                          "`python -m moca_eval.install_dense` first") from None
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def train_and_evaluate(c, *, train: bool = True) -> dict[str, float]:
+    """mmengine's training loop (resuming when ``c.resume``) then its val loop; or only the val
+    loop on ``c.load_from``. Either way mmengine reads only its own checkpoints here."""
+    from mmengine.runner import Runner
+
+    from moca_eval.mm_utils import mmengine_checkpoints
+
+    runner = Runner.from_cfg(c)
+    with mmengine_checkpoints():
+        if train:
+            runner.train()
+        return runner.val()
+
+
+def run(cfg: DetConfig) -> DetResult:
+    """Train (unless ``eval_only``) and evaluate; see the module docstring."""
+    from mmengine.dist import get_world_size, is_main_process
+
+    from moca_eval.checkpoints import load_backbone
+
+    cfg = cfg.validate()
+    require_stack()
+    layout = coco.check_layout(cfg.data)
+    if not _cuda():  # mmengine's "pytorch" launcher calls torch.cuda.set_device: join on CPU here
+        distributed.init_from_env("cpu")
+    backbone = load_backbone(cfg.ckpt, img_size=None, arch=cfg.arch, checkpoint_key=cfg.checkpoint_key,
+                             fmt=cfg.fmt, student=cfg.student, num_heads=cfg.num_heads)
+    world_size = max(int(os.environ.get("WORLD_SIZE", "1")), get_world_size())
+    cfg.batch_split(world_size)
+    started = time.time()
+    work_dir = Path(cfg.work_dir)
+    done = work_dir / ("eval.json" if cfg.eval_only else "result.json")
+    key = fingerprint(cfg, ckpt_sha=backbone.sha256, data_sha=_data_digest(layout))
+    stored = _finished(done, key)
+    if stored is not None:
+        log.info("already evaluated, reusing %s", done)
+        bbox, segm = stored
+    else:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        c = mm_config(cfg, embed_dim=backbone.arch.embed_dim, classes=layout["train"].classes,
+                      world_size=world_size)
+        metrics = train_and_evaluate(c, train=not cfg.eval_only)
+        bbox, segm = ap_table(metrics, "bbox"), ap_table(metrics, "segm")
+        if is_main_process():
+            write_json_atomic(done, {"bbox": bbox, "segm": segm, "fingerprint": key})
+    preview = _preview(cfg, work_dir) if is_main_process() else None
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+    meta = {"checkpoint": backbone_info(backbone), "config": config, "classes": list(layout["train"].classes),
+            "n_train_images": layout["train"].n_images, "n_val_images": layout["val"].n_images,
+            "provenance": provenance(wall_time_s=round(time.time() - started, 1), world_size=world_size)}
+    return DetResult(bbox, segm, cfg.epochs, str(work_dir), cfg.eval_only,
+                     str(preview) if preview else None, meta)
+
+
+def _preview(cfg: DetConfig, work_dir: Path) -> Path | None:
+    """Draw the val predictions mmdet's metric wrote (``predictions/val.segm.json``), if any."""
+    from moca_eval.detection.plot import plot_predictions
+
+    predictions = work_dir / "predictions" / "val.segm.json"
+    if not cfg.num_preview or not predictions.is_file():
+        return None
+    return plot_predictions(coco.ann_file(cfg.data, "val"), coco.image_dir(cfg.data, "val"), predictions,
+                            work_dir / "predictions.png", n_images=cfg.num_preview)
+
+
+# Settings that do not change what is trained and evaluated.
+RUNTIME_FIELDS = ("work_dir", "resume", "num_workers", "num_preview", "with_cp")
+
+
+def fingerprint(cfg: DetConfig, *, ckpt_sha: str, data_sha: str) -> str:
+    """What the figures depend on: the checkpoint, the annotations, the weights, every setting."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS and k not in ("ckpt", "data")}
+    if cfg.weights is not None:
+        settings["weights"] = sha256_file(Path(cfg.weights))
+    blob = json.dumps([settings, ckpt_sha, data_sha], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _data_digest(layout: dict[str, coco.CocoSplit]) -> str:
+    return hashlib.sha256("".join(sha256_file(s.ann_file) for s in layout.values()).encode()).hexdigest()
+
+
+def _finished(path: Path, key: str) -> tuple[dict, dict] | None:
+    """The stored figures of a run whose ``fingerprint`` is ``key`` (else, or unreadable: None)."""
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("fingerprint") != key:
+            return None
+        return {k: float(stored["bbox"][k]) for k in AP_KEYS}, {k: float(stored["segm"][k]) for k in AP_KEYS}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
