@@ -1,0 +1,59 @@
+"""The dense-stack installer's pieces, and the stack it installed (mmcv with ops, mmdet, mmseg)."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+from moca_eval import install_dense as inst
+
+
+def fake_wheel(path: Path, names: list[str]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name in names:
+            zf.writestr(name, b"")
+    return path
+
+
+def test_cxx_standard_flags_are_raised_to_cxx20(tmp_path):
+    setup = tmp_path / "setup.py"
+    setup.write_text("a = ['-std=c++14']\nb = '-std=c++17 -O3'\nc = '-std=c++20'\n")
+    assert inst.patch_cxx_standard(setup) == 2
+    assert setup.read_text() == "a = ['-std=c++20']\nb = '-std=c++20 -O3'\nc = '-std=c++20'\n"
+
+
+def test_a_wheel_without_compiled_ops_is_never_taken_from_the_cache(tmp_path):
+    """An isolated build ships mmcv without mmcv/_ext: such a wheel must not count as built."""
+    no_ops = fake_wheel(tmp_path / "mmcv-2.1.0-cp311-cp311-linux_x86_64.whl", ["mmcv/__init__.py"])
+    assert not inst.has_ops(no_ops) and inst.cached_wheel(tmp_path) is None
+    fake_wheel(no_ops, ["mmcv/__init__.py", "mmcv/_ext.cpython-311-x86_64-linux-gnu.so"])
+    assert inst.has_ops(no_ops) and inst.cached_wheel(tmp_path) == no_ops
+    assert inst.cached_wheel(tmp_path / "absent") is None
+
+
+def test_cache_key_names_mmcv_torch_ops_python_and_machine(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setenv("MOCA_EVAL_WHEEL_CACHE", str(tmp_path))
+    key = inst.build_key()
+    assert key.startswith(f"mmcv-{inst.MMCV_VERSION}-torch-{torch.__version__.replace('+', '_')}-")
+    assert ("-cpu-" in key) != torch.cuda.is_available() and inst.wheel_cache_root() == tmp_path
+
+
+def test_the_dense_extra_is_read_from_the_installed_metadata():
+    reqs = inst.dense_requirements()
+    assert "mmdet==3.3.0" in reqs and "mmsegmentation==1.2.2" in reqs and {"ftfy", "regex"} <= set(reqs)
+
+
+def test_the_installed_stack_has_mmcv_2_1_with_ops_accepted_by_mmdet_and_mmseg():
+    import mmcv
+    import mmdet  # asserts a compatible mmcv on import (mmdet 3.3.0 refuses >= 2.2.0)
+    import mmseg
+    import torch
+    from mmcv.ops import nms
+
+    assert mmcv.__version__ == inst.MMCV_VERSION and mmdet.__version__ == "3.3.0"
+    assert mmseg.__version__ == "1.2.2"
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]])
+    kept, order = nms(boxes, torch.tensor([0.9, 0.8, 0.7]), iou_threshold=0.5)  # a compiled op
+    assert order.tolist() == [0, 2]
