@@ -205,13 +205,12 @@ def _optimizer(c, cfg: DetConfig, accumulate: int) -> None:
 
 def require_stack() -> None:
     """mmdet, mmcv with its compiled ops, pycocotools: importable, or a ``ConfigError`` saying how."""
-    try:
+    from moca_eval.install_dense import dense_stack
+
+    with dense_stack("detection"):
         import mmcv.ops  # noqa: F401
         import mmdet  # noqa: F401
         import pycocotools.mask  # noqa: F401
-    except ImportError as err:
-        raise ConfigError(f"the detection stack is not installed ({err}); run "
-                          "`python -m moca_eval.install_dense` first") from None
 
 
 def _cuda() -> bool:

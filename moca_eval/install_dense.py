@@ -18,6 +18,7 @@ About 15 minutes for the CPU build on 2 cores (ninja).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata as md
 import os
 import platform
@@ -29,6 +30,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 MMCV_VERSION = "2.1.0"
@@ -38,6 +40,18 @@ CXX_STD = re.compile(r"-std=c\+\+1[47]")
 
 class InstallError(RuntimeError):
     """A step of the dense install failed (the message says which and what to do)."""
+
+
+@contextlib.contextmanager
+def dense_stack(task: str) -> Iterator[None]:
+    """An ImportError inside the block becomes a one-line ConfigError saying how to install."""
+    from moca_eval.errors import ConfigError
+
+    try:
+        yield
+    except ImportError as err:
+        raise ConfigError(f"the {task} stack is not installed ({err}); run "
+                          "`python -m moca_eval.install_dense` first") from None
 
 
 def wheel_cache_root() -> Path:

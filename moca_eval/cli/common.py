@@ -105,3 +105,4 @@ def add_training_run_args(g: argparse._ArgumentGroup, protocol: str) -> None:
     g.add_argument("--output-dir", type=Path, help="checkpoint, log.jsonl and results.json "
                    f"(default: runs/{protocol}/<checkpoint name>)")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
+

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from moca_eval.cli import common
 from moca_eval.errors import ConfigError
+from moca_eval.install_dense import dense_stack
 
 COLUMNS = ["task", "AP", "AP50", "AP75", "APs", "APm", "APl"]
 
@@ -55,11 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
+    with dense_stack("detection"):
         from moca_eval.detection.run import DetConfig, run
-    except ImportError as err:
-        raise ConfigError(f"the detection stack is not installed ({err}); run "
-                          "`python -m moca_eval.install_dense` first") from None
     work_dir = args.work_dir or Path("runs/det") / args.ckpt.stem
     cfg = DetConfig(
         ckpt=args.ckpt, data=args.data, epochs=args.epochs, lr=args.lr, layer_decay=args.layer_decay,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from moca_eval.cli import common
 from moca_eval.errors import ConfigError
+from moca_eval.install_dense import dense_stack
 
 COLUMNS = ["split", "n_train", "iters", "mIoU", "aAcc", "mAcc"]
 
@@ -80,12 +81,9 @@ def _split(args: argparse.Namespace, cs) -> int:
 def _train(args: argparse.Namespace, cs) -> int:
     if args.ckpt is None:
         raise ConfigError("--ckpt is required to train")
-    try:
+    with dense_stack("segmentation"):
         from moca_eval.segmentation.plot import plot_per_class_iou
         from moca_eval.segmentation.run import SegConfig, run
-    except ImportError as err:
-        raise ConfigError(f"the segmentation stack is not installed ({err}); run "
-                          "`python -m moca_eval.install_dense` first") from None
     work_dir = args.work_dir or Path("runs/seg") / args.ckpt.stem
     cfg = SegConfig(
         ckpt=args.ckpt, data=args.data, mode=args.mode, train_size=args.train_size,

@@ -14,18 +14,13 @@ from moca_eval.detection import coco
 from moca_eval.errors import DatasetError
 
 
-@pytest.fixture(scope="module")
-def tiny_coco(tmp_path_factory) -> Path:
-    return coco.make_synthetic_coco(tmp_path_factory.mktemp("coco") / "coco", n_train=3, n_val=2)
-
-
 def copy_of(root: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(root, tmp_path / "coco"))
 
 
 def test_generated_set_is_a_valid_coco_layout_with_every_area_range(tiny_coco):
     splits = coco.check_layout(tiny_coco)
-    assert splits["train"].n_images == 3 and splits["val"].n_images == 2
+    assert splits["train"].n_images == 4 and splits["val"].n_images == 2
     assert splits["train"].classes == coco.SYNTHETIC_CLASSES
     val = json.loads(coco.ann_file(tiny_coco, "val").read_text())
     areas = [a["area"] for a in val["annotations"]]
@@ -39,7 +34,7 @@ def test_generated_set_is_a_valid_coco_layout_with_every_area_range(tiny_coco):
 
 
 def test_generation_is_deterministic(tiny_coco, tmp_path):
-    again = coco.make_synthetic_coco(tmp_path / "again", n_train=3, n_val=2)
+    again = coco.make_synthetic_coco(tmp_path / "again", n_train=4, n_val=2)
     for split in coco.SPLITS:
         assert coco.ann_file(again, split).read_text() == coco.ann_file(tiny_coco, split).read_text()
 
@@ -60,7 +55,7 @@ def test_missing_images_are_counted_and_the_first_named(tiny_coco, tmp_path):
     root = copy_of(tiny_coco, tmp_path)
     first = sorted(coco.image_dir(root, "train").iterdir())[0]
     first.unlink()
-    expected = rf"instances_train2017\.json: 1 of 3 images .* \(first: {first.name}\)"
+    expected = rf"instances_train2017\.json: 1 of 4 images .* \(first: {first.name}\)"
     with pytest.raises(DatasetError, match=expected):
         coco.check_layout(root)
 

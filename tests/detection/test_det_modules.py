@@ -10,28 +10,15 @@ import torch
 from torch import nn
 
 from moca_eval.checkpoints import load_backbone
-from moca_eval.demo import save_random_moca_checkpoint
 from moca_eval.detection import coco
 from moca_eval.detection.mm_modules import MocaEvalViTDet, default_out_indices
 from moca_eval.detection.run import DetConfig, ap_table, mm_config
 from moca_eval.errors import ConfigError
 from moca_eval.features import compute_features
 from moca_eval.mm_utils import ViTLayerDecayOptimizerConstructor, build_dense_vit, patch_token_map
-from moca_eval.models import ArchSpec
 
 # Patch 16 as the real models (so the strides are 4/8/16/32), four blocks to tap.
-DET_ARCH = ArchSpec(embed_dim=32, depth=4, num_heads=1, patch_size=16, img_size=64)
 BN = dict(type="BN", requires_grad=True)
-
-
-@pytest.fixture(scope="module")
-def det_checkpoint(tmp_path_factory) -> Path:
-    return save_random_moca_checkpoint(tmp_path_factory.mktemp("det-ckpt") / "vit-p16-d4.pth", arch=DET_ARCH)
-
-
-@pytest.fixture(scope="module")
-def tiny_coco(tmp_path_factory) -> Path:
-    return coco.make_synthetic_coco(tmp_path_factory.mktemp("coco") / "coco", n_train=2, n_val=2)
 
 
 def test_backbone_gives_four_strides_of_width_d_for_a_non_square_input(det_checkpoint):
@@ -99,11 +86,11 @@ def expected_layer(name: str, depth: int) -> int:
     return int(block.group(1)) + 1 if block else depth + 1
 
 
-def test_layer_decay_groups_follow_the_rule_for_every_parameter(det_checkpoint):
+def test_layer_decay_groups_follow_the_rule_for_every_parameter(det_checkpoint, det_arch):
     model = nn.Module()
     model.backbone = MocaEvalViTDet(str(det_checkpoint), out_indices=(0, 1, 2, 3), norm_cfg=BN)
     model.neck = nn.Sequential(nn.Conv2d(32, 8, 1), nn.BatchNorm2d(8), nn.Linear(8, 3))
-    lr, wd, decay, depth = 1e-3, 0.05, 0.6, DET_ARCH.depth
+    lr, wd, decay, depth = 1e-3, 0.05, 0.6, det_arch.depth
     wrapper = ViTLayerDecayOptimizerConstructor(
         dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=lr, weight_decay=wd)),
         dict(layer_decay=decay))(model)

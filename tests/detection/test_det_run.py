@@ -15,14 +15,11 @@ import torch
 
 from moca_eval.checkpoints import load_backbone
 from moca_eval.cli import main
-from moca_eval.demo import save_random_moca_checkpoint
 from moca_eval.detection import coco
 from moca_eval.mm_utils import mmengine_checkpoints
-from moca_eval.models import ArchSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: ~3x faster on 1 thread
 
-DET_ARCH = ArchSpec(embed_dim=32, depth=4, num_heads=1, patch_size=16, img_size=64)
 AP_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 # A narrow detector for CPU tests: 32 channels instead of 256 (FPN, RPN, RoI heads), 64-unit fc
 # layers, fewer proposals and sampled RoIs. The structure (cascade, 4conv1fc, GIoU, mask head)
@@ -44,16 +41,6 @@ TINY_DETECTOR = {
        for k, v in (("in_channels", WIDTH), ("conv_out_channels", WIDTH), ("fc_out_channels", 64))},
     **{f"model.train_cfg.rcnn.{i}.sampler.num": 32 for i in range(3)},
 }
-
-
-@pytest.fixture(scope="module")
-def det_checkpoint(tmp_path_factory) -> Path:
-    return save_random_moca_checkpoint(tmp_path_factory.mktemp("det-ckpt") / "vit-p16-d4.pth", arch=DET_ARCH)
-
-
-@pytest.fixture(scope="module")
-def tiny_coco(tmp_path_factory) -> Path:
-    return coco.make_synthetic_coco(tmp_path_factory.mktemp("coco") / "coco", n_train=4, n_val=2)
 
 
 def det_args(ckpt: Path, data: Path, work: Path, *extra: str) -> list[str]:
