@@ -51,9 +51,11 @@ def test_the_installed_stack_has_mmcv_2_1_with_ops_accepted_by_mmdet_and_mmseg()
     import mmseg
     import torch
     from mmcv.ops import nms
+    from mmengine.utils.package_utils import is_installed
 
     assert mmcv.__version__ == inst.MMCV_VERSION and mmdet.__version__ == "3.3.0"
     assert mmseg.__version__ == "1.2.2"
+    assert is_installed("mmdet")  # mmengine needs pkg_resources (setuptools < 81) to resolve configs
     boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]])
     kept, order = nms(boxes, torch.tensor([0.9, 0.8, 0.7]), iou_threshold=0.5)  # a compiled op
     assert order.tolist() == [0, 2]
