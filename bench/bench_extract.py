@@ -10,6 +10,7 @@ k-NN top-1 on the fp32 and bf16 features, which must agree within 0.5 points.
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 from moca_eval.checkpoints import load_backbone
 from moca_eval.data import ImageDataset, collate_skip_bad, eval_transform, load_split
 from moca_eval.demo import make_demo_data
-from moca_eval.features import ExtractConfig, extract_features
+from moca_eval.features import ExtractConfig, compute_features, extract_features
 from moca_eval.models import ARCHS, build_vit
 from moca_eval.protocols.knn import evaluate
 
@@ -36,6 +37,32 @@ def reference_loop(model, index, batch_size: int) -> tuple[np.ndarray, float]:
         for images, _rows, _bad in loader:
             out.append(model(images))
     return torch.cat(out).numpy(), time.perf_counter() - start
+
+
+def model_only(model, batch: int, repeats: int = 3) -> None:
+    """The backbone alone on random images: fp32, bf16 autocast, a bf16 copy (best of ``repeats``)."""
+    x = torch.randn(batch, 3, 224, 224)
+    cast = copy.deepcopy(model).to(torch.bfloat16)
+
+    def autocast():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return compute_features(model, x, ["cls"])
+
+    runs = {"fp32": lambda: compute_features(model, x, ["cls"]), "bf16 autocast": autocast,
+            "bf16 copy": lambda: compute_features(cast, x.to(torch.bfloat16), ["cls"])}
+    best = {name: float("inf") for name in runs}
+    with torch.inference_mode():
+        ref = runs["fp32"]()["cls"]
+        for _ in range(repeats):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                out = fn()["cls"]
+                best[name] = min(best[name], time.perf_counter() - start)
+                cos = torch.nn.functional.cosine_similarity(out.float(), ref).min().item()
+                best[name + " cos"] = cos
+    for name in runs:
+        print(f"| model only, {batch} images | {name} | {best[name]:.3f} s | "
+              f"**{best['fp32'] / best[name]:.2f}x** | min cosine {best[name + ' cos']:.5f} |")
 
 
 def main() -> None:
@@ -77,6 +104,7 @@ def main() -> None:
               f"k-NN top-1 {top1[precision]:.1f} |")
     print(f"| bf16 vs fp32 | min cosine {cosine:.5f} | top-1 difference "
           f"{abs(top1['bf16'] - top1['fp32']):.1f} points |")
+    model_only(backbone.model, 32)
 
 
 if __name__ == "__main__":
