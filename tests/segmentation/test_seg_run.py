@@ -15,6 +15,7 @@ from PIL import Image
 
 from moca_eval.checkpoints import load_backbone
 from moca_eval.cli import main
+from moca_eval.errors import DatasetError
 from moca_eval.features import compute_features
 from moca_eval.mm_utils import mmengine_checkpoints
 from moca_eval.segmentation import cityscapes as cs
@@ -161,3 +162,14 @@ def test_two_processes_through_mmengines_launcher(tiny_checkpoint, cityscapes, t
     assert result["config"]["batch_size"] == 2 and done.stdout.count("per-class IoU chart") == 1
     miou, _ = confusion_miou(work / "linear-full" / "predictions", cityscapes)
     assert result["splits"][0]["miou"] == pytest.approx(miou, abs=0.006)  # both val shards counted
+
+
+def test_prepare_command_writes_the_missing_train_id_maps(tmp_path, capsys):
+    root = cs.make_synthetic_cityscapes(tmp_path / "cs", n_train=2, n_val=1, size=(32, 64), train_ids=False)
+    with pytest.raises(DatasetError, match="seg prepare"):
+        cs.list_pairs(root, "train")
+    assert main(["seg", "prepare", "--data", str(root)]) == 0
+    assert "wrote 3 " in capsys.readouterr().out
+    for _, label in cs.list_pairs(root, "train") + cs.list_pairs(root, "val"):
+        ids = np.array(Image.open(str(label).replace(cs.TRAIN_IDS_SUFFIX, cs.LABEL_IDS_SUFFIX)))
+        assert np.array_equal(np.array(Image.open(label)), cs.to_train_ids(ids))
