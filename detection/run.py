@@ -224,10 +224,10 @@ def train_and_evaluate(c, *, train: bool = True) -> dict[str, float]:
     loop on ``c.load_from``. Either way mmengine reads only its own checkpoints here."""
     from mmengine.runner import Runner
 
-    from moca_eval.mm_utils import mmengine_checkpoints
+    from moca_eval.mm_utils import mmengine_checkpoints, one_line_dataset_errors
 
     runner = Runner.from_cfg(c)
-    with mmengine_checkpoints():
+    with mmengine_checkpoints(), one_line_dataset_errors():
         if train:
             runner.train()
         return runner.val()

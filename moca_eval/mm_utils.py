@@ -9,6 +9,8 @@
 - ``ViTLayerDecayOptimizerConstructor`` (in mmengine's root registry, so mmseg and mmdet
   configs find it): ``model.backbone.vit`` in those groups, every other trainable parameter at
   the base lr; no weight decay on 1-d parameters (norms, biases), the pos-embed, the cls token.
+- ``LoadImageOrFail`` (mmcv's image loader, in the root registry) and ``one_line_dataset_errors``:
+  an unreadable image is a one-line DatasetError naming the file, also from a DataLoader worker.
 - ``mmengine_checkpoints``: mmengine 0.10.7 calls ``torch.load`` without ``weights_only``; under
   torch >= 2.6 its own resume checkpoints (numpy arrays and scalars, its ``HistoryBuffer`` log
   state) need an allow-list, applied inside the block and nowhere else (user checkpoints are
@@ -29,6 +31,7 @@ from torch import nn
 
 from moca_eval.checkpoint_io import SAFE_GLOBALS
 from moca_eval.checkpoints import load_backbone
+from moca_eval.errors import DatasetError
 from moca_eval.models import build_vit
 
 
@@ -131,3 +134,35 @@ def _register_constructor() -> type:
 
 
 ViTLayerDecayOptimizerConstructor = _register_constructor()
+
+
+def _register_image_loader() -> type:
+    from mmcv.transforms import LoadImageFromFile
+    from mmengine.registry import TRANSFORMS
+
+    @TRANSFORMS.register_module(force=True)
+    class LoadImageOrFail(LoadImageFromFile):
+        """mmcv's ``LoadImageFromFile``; an unreadable image is a DatasetError naming it."""
+
+        def transform(self, results: dict) -> dict:
+            try:
+                return super().transform(results)
+            except Exception as err:  # noqa: BLE001 - whatever the decoder raised
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise DatasetError(f"{results['img_path']}: cannot decode image ({reason})") from None
+
+    return LoadImageOrFail
+
+
+LoadImageOrFail = _register_image_loader()
+
+
+@contextlib.contextmanager
+def one_line_dataset_errors() -> Iterator[None]:
+    """A DatasetError re-raised from a DataLoader worker carries the worker's traceback: keep its
+    own one-line message."""
+    try:
+        yield
+    except DatasetError as err:
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        raise DatasetError(lines[-1].split("DatasetError: ", 1)[-1] if lines else str(err)) from None

@@ -210,12 +210,12 @@ def train_and_evaluate(c) -> dict[str, float]:
     """Run mmengine's training loop (resuming when ``c.resume``) then the val loop."""
     from mmengine.runner import Runner
 
-    from moca_eval.mm_utils import mmengine_checkpoints
+    from moca_eval.mm_utils import mmengine_checkpoints, one_line_dataset_errors
 
     runner = Runner.from_cfg(c)
-    with mmengine_checkpoints():
+    with mmengine_checkpoints(), one_line_dataset_errors():
         runner.train()
-    return runner.val()
+        return runner.val()
 
 
 def run(cfg: SegConfig) -> SegResult:

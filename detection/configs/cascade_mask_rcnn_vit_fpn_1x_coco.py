@@ -62,9 +62,10 @@ model = dict(
 
 # Multi-scale training, short side 480-800 (step 32), long side <= 1333, or (DETR / Sparse R-CNN)
 # resize to 400-600, random crop 384-600, resize to 480-800.
+# LoadImageOrFail: mmcv's LoadImageFromFile, an unreadable image a one-line error (moca_eval.mm_utils)
 train_scales = [(short, 1333) for short in range(480, 801, 32)]
 train_pipeline = [
-    dict(type="LoadImageFromFile"),
+    dict(type="LoadImageOrFail"),
     dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
     dict(type="RandomFlip", prob=0.5),
     dict(
@@ -83,7 +84,7 @@ train_pipeline = [
     dict(type="PackDetInputs"),
 ]
 test_pipeline = [
-    dict(type="LoadImageFromFile"),
+    dict(type="LoadImageOrFail"),
     dict(type="Resize", scale=(1333, 800), keep_ratio=True),
     dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
     dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor")),

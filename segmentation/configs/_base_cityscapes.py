@@ -25,8 +25,9 @@ model = dict(
     test_cfg=dict(mode="slide", crop_size=crop_size, stride=(512, 512)),
 )
 
+# LoadImageOrFail: mmcv's LoadImageFromFile, an unreadable image a one-line error (moca_eval.mm_utils)
 train_pipeline = [
-    dict(type="LoadImageFromFile"),
+    dict(type="LoadImageOrFail"),
     dict(type="LoadAnnotations"),
     dict(type="RandomResize", scale=resize_scale, ratio_range=(0.5, 2.0), keep_ratio=True),
     dict(type="RandomCrop", crop_size=crop_size, cat_max_ratio=0.75),
@@ -35,7 +36,7 @@ train_pipeline = [
     dict(type="PackSegInputs"),
 ]
 test_pipeline = [
-    dict(type="LoadImageFromFile"),
+    dict(type="LoadImageOrFail"),
     dict(type="Resize", scale=resize_scale, keep_ratio=True),
     dict(type="LoadAnnotations"),
     dict(type="PackSegInputs"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,3 +174,14 @@ def test_prepare_command_writes_the_missing_train_id_maps(tmp_path, capsys):
     for _, label in cs.list_pairs(root, "train") + cs.list_pairs(root, "val"):
         ids = np.array(Image.open(str(label).replace(cs.TRAIN_IDS_SUFFIX, cs.LABEL_IDS_SUFFIX)))
         assert np.array_equal(np.array(Image.open(label)), cs.to_train_ids(ids))
+
+
+def test_a_corrupt_image_is_a_one_line_error_naming_it(tiny_checkpoint, cityscapes, tmp_path, capsys):
+    root = Path(shutil.copytree(cityscapes, tmp_path / "cs"))
+    bad = sorted((root / "leftImg8bit" / "val").rglob("*.png"))[0]
+    bad.write_bytes(b"not a png")
+    code = main(["seg", "--ckpt", str(tiny_checkpoint), "--data", str(root), "--train-size", "full",
+                 "--iters", "1", "--batch-size", "2", "--crop-size", str(CROP), "--num-workers", "1",
+                 "--resize-scale", "256", "128", "--work-dir", str(tmp_path / "w")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith(f"moca-eval: error: {bad}: cannot decode image"), err
