@@ -17,7 +17,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from moca_eval import distributed
 from moca_eval.checkpoint_io import sha256_file
 from moca_eval.detection import coco
 from moca_eval.errors import ConfigError
@@ -142,6 +141,8 @@ def mm_config(cfg: DetConfig, *, embed_dim: int, classes: tuple[str, ...], world
     """The mmengine ``Config`` of this run: the config file with this run's values."""
     from mmengine.config import Config
 
+    from moca_eval.mm_utils import on_cuda
+
     c = Config.fromfile(str(CONFIG_FILE))
     work_dir = Path(cfg.work_dir)
     c.work_dir = str(work_dir)
@@ -158,12 +159,9 @@ def mm_config(cfg: DetConfig, *, embed_dim: int, classes: tuple[str, ...], world
     for head in m.roi_head.bbox_head:
         head.num_classes = len(classes)
     m.roi_head.mask_head.num_classes = len(classes)
-    if not _cuda():  # SyncBN needs GPUs once a process group exists; same maths on one process
+    if not on_cuda():  # SyncBN needs GPUs once a process group exists; same maths on one process
         for norm in [m.backbone.norm_cfg, *(h.norm_cfg for h in m.roi_head.bbox_head)]:
             norm.type = "BN"
-        c.env_cfg.dist_cfg.backend = "gloo"
-        # mmengine's wrapper pins DDP to cuda:LOCAL_RANK; CPU modules need device_ids=None
-        c.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
     _train_pipeline(c, cfg)
     for step in c.val_dataloader.dataset.pipeline:
         if step.type == "Resize":
@@ -188,13 +186,13 @@ def mm_config(cfg: DetConfig, *, embed_dim: int, classes: tuple[str, ...], world
 
 
 def _optimizer(c, cfg: DetConfig, accumulate: int) -> None:
+    from moca_eval.mm_utils import set_device_options
+
     ow = c.optim_wrapper
     ow.optimizer.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
     ow.paramwise_cfg.layer_decay = cfg.layer_decay
     ow.accumulative_counts = accumulate
-    if _cuda():
-        ow.type = "AmpOptimWrapper"
-        ow.dtype = "bfloat16"
+    set_device_options(c)
     warmup, steps = c.param_scheduler
     warmup.end = cfg.warmup_iters * accumulate  # scheduler steps count micro-batches
     if not cfg.warmup_iters:
@@ -213,12 +211,6 @@ def require_stack() -> None:
         import pycocotools.mask  # noqa: F401
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def train_and_evaluate(c, *, train: bool = True) -> dict[str, float]:
     """mmengine's training loop (resuming when ``c.resume``) then its val loop; or only the val
     loop on ``c.load_from``. Either way mmengine reads only its own checkpoints here."""
@@ -235,15 +227,15 @@ def train_and_evaluate(c, *, train: bool = True) -> dict[str, float]:
 
 def run(cfg: DetConfig) -> DetResult:
     """Train (unless ``eval_only``) and evaluate; see the module docstring."""
+    cfg = cfg.validate()
+    require_stack()
     from mmengine.dist import get_world_size, is_main_process
 
     from moca_eval.checkpoints import load_backbone
+    from moca_eval.mm_utils import join_cpu_process_group
 
-    cfg = cfg.validate()
-    require_stack()
     layout = coco.check_layout(cfg.data)
-    if not _cuda():  # mmengine's "pytorch" launcher calls torch.cuda.set_device: join on CPU here
-        distributed.init_from_env("cpu")
+    join_cpu_process_group()
     backbone = load_backbone(cfg.ckpt, img_size=None, arch=cfg.arch, checkpoint_key=cfg.checkpoint_key,
                              fmt=cfg.fmt, student=cfg.student, num_heads=cfg.num_heads)
     world_size = max(int(os.environ.get("WORLD_SIZE", "1")), get_world_size())

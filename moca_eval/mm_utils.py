@@ -11,6 +11,8 @@
   the base lr; no weight decay on 1-d parameters (norms, biases), the pos-embed, the cls token.
 - ``LoadImageOrFail`` (mmcv's image loader, in the root registry) and ``one_line_dataset_errors``:
   an unreadable image is a one-line DatasetError naming the file, also from a DataLoader worker.
+- ``set_device_options`` / ``join_cpu_process_group``: bf16 autocast on GPU; on CPU, gloo and
+  DDP without device ids, and torchrun's group joined before mmengine (its launcher needs CUDA).
 - ``mmengine_checkpoints``: mmengine 0.10.7 calls ``torch.load`` without ``weights_only``; under
   torch >= 2.6 its own resume checkpoints (numpy arrays and scalars, its ``HistoryBuffer`` log
   state) need an allow-list, applied inside the block and nowhere else (user checkpoints are
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moca_eval import distributed
 from moca_eval.checkpoint_io import SAFE_GLOBALS
 from moca_eval.checkpoints import load_backbone
 from moca_eval.errors import DatasetError
@@ -82,6 +85,28 @@ def layer_decay_param_groups(vit: nn.Module, *, lr: float, weight_decay: float, 
             "weight_decay": weight_decay if decayed else 0.0})
         group["params"].append(param)
     return list(groups.values())
+
+
+def on_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def set_device_options(c) -> None:
+    """An mmengine config's device-dependent parts: bf16 autocast on GPU; on CPU, gloo and DDP
+    without device ids (mmengine's default wrapper pins DDP to cuda:LOCAL_RANK)."""
+    if on_cuda():
+        c.optim_wrapper.type = "AmpOptimWrapper"
+        c.optim_wrapper.dtype = "bfloat16"
+    else:
+        c.env_cfg.dist_cfg.backend = "gloo"
+        c.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
+
+
+def join_cpu_process_group() -> None:
+    """Under torchrun on CPU, join the gloo group here: mmengine's "pytorch" launcher calls
+    ``torch.cuda.set_device``, and it uses an existing group instead (no-op alone or on GPU)."""
+    if not on_cuda():
+        distributed.init_from_env("cpu")
 
 
 def mmengine_globals() -> list:

@@ -19,7 +19,6 @@ from typing import Literal
 
 import numpy as np
 
-from moca_eval import distributed
 from moca_eval.errors import ConfigError
 from moca_eval.results import backbone_info, provenance, write_json_atomic
 from moca_eval.segmentation import cityscapes as cs
@@ -147,6 +146,8 @@ def mm_config(cfg: SegConfig, *, embed_dim: int, num_heads: int, split_file: Pat
     """The mmengine ``Config`` of one split: the mode's config file with this run's values."""
     from mmengine.config import Config
 
+    from moca_eval.mm_utils import set_device_options
+
     c = Config.fromfile(str(CONFIG_DIR / f"segmenter_{cfg.mode}.py"))
     crop = (cfg.crop_size, cfg.crop_size)
     c.work_dir = str(work_dir)
@@ -184,13 +185,7 @@ def mm_config(cfg: SegConfig, *, embed_dim: int, num_heads: int, split_file: Pat
     if cfg.layer_decay is not None:
         c.optim_wrapper.constructor = "ViTLayerDecayOptimizerConstructor"
         c.optim_wrapper.paramwise_cfg = dict(layer_decay=cfg.layer_decay)
-    if _cuda():
-        c.optim_wrapper.type = "AmpOptimWrapper"
-        c.optim_wrapper.dtype = "bfloat16"
-    else:
-        c.env_cfg.dist_cfg.backend = "gloo"
-        # mmengine's default wrapper pins DDP to device LOCAL_RANK, which only exists on GPUs
-        c.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
+    set_device_options(c)
     c.param_scheduler[0].end = iters
     # evaluated once, by run() after training (mmengine's loop also validates at its last iteration
     # unless val_begin lies beyond it)
@@ -198,12 +193,6 @@ def mm_config(cfg: SegConfig, *, embed_dim: int, num_heads: int, split_file: Pat
     c.default_hooks.checkpoint.interval = min(cfg.save_every, iters)
     c.default_hooks.logger.interval = max(1, min(50, iters // 10))
     return c
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def train_and_evaluate(c) -> dict[str, float]:
@@ -223,6 +212,7 @@ def run(cfg: SegConfig) -> SegResult:
     from mmengine.dist import get_world_size, is_main_process
 
     from moca_eval.checkpoints import load_backbone
+    from moca_eval.mm_utils import join_cpu_process_group
 
     cfg = cfg.validate()
     splits = training_splits(cfg)
@@ -230,8 +220,7 @@ def run(cfg: SegConfig) -> SegResult:
                              checkpoint_key=cfg.checkpoint_key, fmt=cfg.fmt, student=cfg.student,
                              num_heads=cfg.num_heads)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not _cuda():
-        distributed.init_from_env("cpu")  # mmengine's own launcher needs CUDA; it joins this gloo group
+    join_cpu_process_group()
     started = time.time()
     scores = []
     for tag, seed, names in splits:
