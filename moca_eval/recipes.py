@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from moca_eval.registry import Registry
 
-RECIPES_VERSION = 1
+RECIPES_VERSION = 2  # 2: the mae linear recipe uses LARS at batch 16384 (MAE main_linprobe)
 
 
 @dataclass(frozen=True)

@@ -43,13 +43,15 @@ SelectOn = Literal["holdout", "val"]
 # MOCA/iBOT's sweep: {1..9} x 10^{-4..0}, base values scaled by global batch / 256.
 LR_GRID: tuple[float, ...] = tuple(float(f"{m}e{e}") for e in range(-4, 1) for m in range(1, 10))
 DEFAULT_FEATURES = ("cls", "avg", "cls+avg")
+LARS_TRUST = 1e-3  # MAE util/lars.py trust_coefficient
 
 
 @dataclass(frozen=True)
 class LinearRecipe:
     """One project's published linear-probe settings (``lr_grid=()``: a single head at ``blr``).
 
-    All use SGD without weight decay (``GridSGD``)."""
+    All use SGD without weight decay (``GridSGD``); ``optimizer="lars"`` adds MAE's LARS trust
+    ratio (coefficient ``LARS_TRUST``) on the head weights."""
 
     name: str
     description: str
@@ -63,6 +65,7 @@ class LinearRecipe:
     head_norm: Literal["none", "bn"] = "none"  # bn: BatchNorm without affine before the head (MAE)
     interpolation: str = "bilinear"  # of RandomResizedCrop
     init_std: float = 0.01
+    optimizer: Literal["sgd", "lars"] = "sgd"
 
     @property
     def head_lrs(self) -> tuple[float, ...]:
@@ -75,9 +78,9 @@ for _r in (
     LinearRecipe("ibot", "iBOT eval_linear(_multi): SGD 0.9, blr 1e-3, batch 1024, 100 ep", blr=1e-3),
     LinearRecipe("dino", "DINO eval_linear: SGD 0.9, blr 1e-3, batch 1024, 100 ep; adds cls-last4",
                  blr=1e-3, features=("cls", "avg", "cls+avg", "cls-last4")),
-    LinearRecipe("mae", "MAE main_linprobe: BatchNorm (no affine) before the head, 90 ep, 10 warm-up, "
-                 "blr 0.1, bicubic crops (SGD here; MAE used LARS at batch 16384)", blr=0.1, epochs=90,
-                 warmup_epochs=10, head_norm="bn", interpolation="bicubic"),
+    LinearRecipe("mae", "MAE main_linprobe: LARS (trust 1e-3), BatchNorm (no affine) before the head, "
+                 "blr 0.1, batch 16384, 90 ep, 10 warm-up, bicubic crops", blr=0.1, batch_size=16384,
+                 epochs=90, warmup_epochs=10, head_norm="bn", interpolation="bicubic", optimizer="lars"),
 ):
     LINEAR_RECIPES.register(_r.name, _r)
 
@@ -282,6 +285,8 @@ def _check(cfg: LinearConfig) -> None:
         raise ConfigError(f"unknown --select-on {cfg.select_on!r}; use holdout or val")
     if cfg.select_on == "holdout" and not 0 < cfg.holdout_fraction < 1:
         raise ConfigError(f"held-out fraction must be in (0, 1), got {cfg.holdout_fraction}")
+    if cfg.recipe.optimizer not in ("sgd", "lars"):
+        raise ConfigError(f"unknown linear optimizer {cfg.recipe.optimizer!r}; use sgd or lars")
     if cfg.recipe.epochs < 1 or min(cfg.recipe.head_lrs) <= 0:
         raise ConfigError("epochs must be >= 1 and learning rates > 0")
 
@@ -314,7 +319,8 @@ def run(cfg: LinearConfig) -> LinearResult:
     grid = HeadGrid(data.dims, recipe.head_lrs, data.num_classes, batch_norm=recipe.head_norm == "bn",
                     init_std=recipe.init_std).to(rt.device)
     lr_scale = recipe.batch_size / 256
-    optimizer = GridSGD(grid.param_groups(lr_scale), lr=recipe.blr * lr_scale, momentum=recipe.momentum)
+    optimizer = GridSGD(grid.param_groups(lr_scale), lr=recipe.blr * lr_scale, momentum=recipe.momentum,
+                        trust_coefficient=LARS_TRUST if recipe.optimizer == "lars" else None)
     sched = training.Schedule(recipe.epochs * steps, round(recipe.warmup_epochs * steps))
     fingerprint = _fingerprint(cfg, backbone, data, rt.precision)
     state = training.resume_from(cfg.output_dir, resume=cfg.resume, config=fingerprint)

@@ -66,15 +66,23 @@ class GridSGD(torch.optim.SGD):
     default grid; here it is paid once per distinct lr (45). The arithmetic is SGD's
     (``buf = m * buf + g``, first ``buf = g``; ``p += -lr * buf``) and so is the state layout
     (``momentum_buffer``), so checkpoints and ``load_state_dict`` are plain SGD's.
+
+    ``trust_coefficient`` turns it into LARS as MAE's linear probe uses it (no weight decay): the
+    gradient of every matrix (``ndim > 1``, i.e. each head's weight; not biases) is first scaled by
+    ``trust_coefficient * ||p|| / ||g||`` (1 where either norm is 0).
     """
 
-    def __init__(self, param_groups: list[dict[str, Any]], *, lr: float, momentum: float) -> None:
+    def __init__(self, param_groups: list[dict[str, Any]], *, lr: float, momentum: float,
+                 trust_coefficient: float | None = None) -> None:
         super().__init__(param_groups, lr=lr, momentum=momentum)
+        self.trust_coefficient = trust_coefficient
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         if closure is not None:
             raise ValueError("GridSGD takes no closure")
+        if self.trust_coefficient is not None:
+            self._lars_scale_gradients()
         bufs, grads = [], []
         by_lr: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for group in self.param_groups:
@@ -95,6 +103,20 @@ class GridSGD(torch.optim.SGD):
             torch._foreach_add_(bufs, grads)
         for lr, (targets, updates) in by_lr.items():
             torch._foreach_add_(targets, updates, alpha=-lr)
+
+    def _lars_scale_gradients(self) -> None:
+        """``g *= trust * ||p|| / ||g||`` for every matrix with a gradient, in one foreach pass."""
+        params = [p for group in self.param_groups for p in group["params"]
+                  if p.grad is not None and p.ndim > 1]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        p_norm = torch.stack(torch._foreach_norm(params))
+        g_norm = torch.stack(torch._foreach_norm(grads))
+        ratio = torch.where((p_norm > 0) & (g_norm > 0),
+                            self.trust_coefficient * p_norm / g_norm.clamp_min(1e-30),
+                            torch.ones_like(p_norm))
+        torch._foreach_mul_(grads, list(ratio.unbind()))
 
 
 def grid_loss(logits: torch.Tensor, labels: torch.Tensor, denom: int) -> torch.Tensor:

@@ -31,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--features", nargs="+", help="feature variants (default cls avg cls+avg)")
     g.add_argument("--warmup-epochs", type=float)
     g.add_argument("--head-norm", choices=["none", "bn"], help="bn: BatchNorm without affine (MAE)")
+    g.add_argument("--optimizer", choices=["sgd", "lars"],
+                   help="SGD with momentum, or MAE's LARS (trust 1e-3 on head weights; mae recipe)")
     g.add_argument("--select-on", choices=["holdout", "val"], default="holdout",
                    help="pick the reported head on a held-out part of train (default) or on val")
     g.add_argument("--holdout-fraction", type=float, default=0.1)
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         args.recipe, epochs=args.epochs, batch_size=args.global_batch, blr=args.blr,
         lr_grid=() if single else (tuple(args.lrs) if args.lrs else None),
         features=tuple(args.features) if args.features else None, warmup_epochs=args.warmup_epochs,
-        head_norm=args.head_norm)
+        head_norm=args.head_norm, optimizer=args.optimizer)
     output_dir = args.output_dir or Path("runs") / "linear" / args.ckpt.stem
     cfg = linear.LinearConfig(job=common.feature_job(args), recipe=recipe, mode=args.mode,
                               select_on=args.select_on, holdout_fraction=args.holdout_fraction,

@@ -12,7 +12,7 @@ from moca_eval.results import format_table
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recipes", help="list the named recipes and their settings",
                        description="Every value shown can be overridden with the command's flags.")
-    p.add_argument("protocol", nargs="?", choices=["features", "linear", "finetune"],
+    p.add_argument("protocol", nargs="?", choices=["features", "linear", "finetune", "lowshot"],
                    help="show one table only")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=run)
@@ -22,12 +22,14 @@ def recipe_tables() -> dict[str, list[dict]]:
     """Protocol -> one row per recipe (every field)."""
     from moca_eval.protocols.finetune import FINETUNE_RECIPES
     from moca_eval.protocols.linear import LINEAR_RECIPES
+    from moca_eval.protocols.lowshot import LOWSHOT_RECIPES
     from moca_eval.recipes import RECIPES
 
     def rows(registry) -> list[dict]:
         return [asdict(registry.get(name)) for name in registry.names()]
 
-    return {"features": rows(RECIPES), "linear": rows(LINEAR_RECIPES), "finetune": rows(FINETUNE_RECIPES)}
+    return {"features": rows(RECIPES), "linear": rows(LINEAR_RECIPES), "finetune": rows(FINETUNE_RECIPES),
+            "lowshot": rows(LOWSHOT_RECIPES)}
 
 
 def _cell(value: object) -> object:
@@ -59,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
 def type_of(name: str) -> type:
     from moca_eval.protocols.finetune import FinetuneRecipe
     from moca_eval.protocols.linear import LinearRecipe
+    from moca_eval.protocols.lowshot import LowshotRecipe
     from moca_eval.recipes import Recipe
 
-    return {"features": Recipe, "linear": LinearRecipe, "finetune": FinetuneRecipe}[name]
+    return {"features": Recipe, "linear": LinearRecipe, "finetune": FinetuneRecipe,
+            "lowshot": LowshotRecipe}[name]

@@ -272,3 +272,23 @@ def test_knn_strict_fails_on_a_corrupt_image_naming_it(data_with_corrupt_image: 
     assert main(_knn(tiny_checkpoint, data, "--no-cache", "--strict", "--output", str(out))) == 2
     assert _error_line(capsys.readouterr().err) == f"{data / 'train'}: cannot decode 1 image(s): {bad}"
     assert not out.exists()
+
+
+def test_recipes_lists_every_protocols_named_configs(capsys):
+    from moca_eval.protocols.finetune import FINETUNE_RECIPES
+    from moca_eval.protocols.linear import LINEAR_RECIPES, linear_recipe
+    from moca_eval.protocols.lowshot import LOWSHOT_RECIPES
+
+    assert main(["recipes", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    for protocol, registry in (("linear", LINEAR_RECIPES), ("finetune", FINETUNE_RECIPES),
+                               ("lowshot", LOWSHOT_RECIPES)):
+        names = [r["name"] for r in listed[protocol]]
+        assert names == list(registry.names())
+        for row in listed[protocol]:
+            assert row == json.loads(json.dumps(dataclasses.asdict(registry.get(row["name"]))))
+    assert {"moca", "ibot", "dino", "mae"} <= set(LINEAR_RECIPES.names()) & set(FINETUNE_RECIPES.names())
+    mae = linear_recipe("mae", epochs=3, blr=None)
+    assert (mae.epochs, mae.blr, mae.optimizer, mae.batch_size) == (3, 0.1, "lars", 16384)
+    assert main(["recipes", "lowshot"]) == 0
+    assert "avg-prenorm" in capsys.readouterr().out

@@ -136,6 +136,36 @@ def test_grid_sgd_is_torch_sgd_with_all_groups_in_one_pass():
         assert torch.equal(ours.state_dict()["state"][k]["momentum_buffer"], v["momentum_buffer"])
 
 
+def test_grid_lars_is_maes_lars_per_head():
+    """Weights follow timm's LARS (MAE's rule without weight decay), biases plain SGD, per head."""
+    from timm.optim import Lars
+
+    torch.manual_seed(0)
+    grids = [HeadGrid({"cls": 5, "avg": 3}, (0.01, 0.3, 2.0), 4, batch_norm=True) for _ in range(2)]
+    grids[1].load_state_dict(grids[0].state_dict())
+    init = {k: v.clone() for k, v in grids[0].state_dict().items()}
+    ours = GridSGD(grids[0].param_groups(2.0), lr=0.1, momentum=0.9, trust_coefficient=1e-3)
+    ref_groups = []
+    for group in grids[1].param_groups(2.0):
+        weight, bias = group["params"]
+        ref_groups += [{**group, "params": [weight], "always_adapt": True},
+                       {**group, "params": [bias], "always_adapt": False}]
+    ref = Lars(ref_groups, lr=0.1, momentum=0.9, trust_coeff=1e-3, eps=0.0)
+    for step in range(5):
+        feats = {"cls": torch.randn(8, 5), "avg": torch.randn(8, 3)}
+        labels = torch.randint(0, 4, (8,))
+        for grid, opt in zip(grids, (ours, ref)):
+            training.apply_lr(opt, step, training.Schedule(total_steps=5, warmup_steps=2))
+            grid_loss(grid(feats), labels, 8).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    a, b = grids[0].state_dict(), grids[1].state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
+    assert all(not torch.equal(a[k], init[k]) for k in a if k.startswith("heads."))
+    assert linear.LINEAR_RECIPES.get("mae").optimizer == "lars"
+
+
 def test_mae_head_norm_is_batchnorm_without_affine():
     torch.manual_seed(0)
     grid = HeadGrid({"cls": 5}, (0.1, 1.0), 3, batch_norm=True)
@@ -156,8 +186,13 @@ def test_holdout_split_is_stratified_disjoint_and_seeded():
     assert not np.array_equal(held, holdout_split(labels, 0.1, seed=1)[1])
 
 
-def test_cached_mode_reaches_sklearn_logistic_regression(job):
-    recipe = linear_recipe("moca", epochs=60, batch_size=64, features=("avg",))
+@pytest.mark.parametrize("name, overrides", [
+    ("moca", {}),
+    # LARS moves a weight by about lr x 1e-3 of its norm per step: larger lrs for this short run
+    ("mae", {"lr_grid": (1.0, 3.0, 10.0, 30.0, 100.0)}),
+])
+def test_cached_mode_reaches_sklearn_logistic_regression(job, name, overrides):
+    recipe = linear_recipe(name, epochs=60, batch_size=64, features=("avg",), warmup_epochs=0, **overrides)
     result = linear.run(linear.LinearConfig(job, recipe, mode="cached"))
     train, val = extract_splits(job, ["avg"], job.backbone.load())  # cache hits
     rows, held = holdout_split(train.labels, 0.1, seed=0)  # the rows the heads trained on
@@ -167,7 +202,7 @@ def test_cached_mode_reaches_sklearn_logistic_regression(job):
     assert result.selected.val_top1 >= sk_top1 - 4, (result.selected, sk_top1)
     out = result.to_dict()
     assert (out["mode"], out["select_on"], out["n_holdout"]) == ("cached", "holdout", 60)
-    assert len(out["heads"]) == 45
+    assert len(out["heads"]) == len(recipe.lr_grid)
     best_holdout = max(h["holdout_top1"] for h in out["heads"])
     assert out["selected"]["holdout_top1"] == best_holdout and out["top1"] == result.selected.val_top1
 
