@@ -141,7 +141,7 @@ def mm_config(cfg: DetConfig, *, embed_dim: int, classes: tuple[str, ...], world
     """The mmengine ``Config`` of this run: the config file with this run's values."""
     from mmengine.config import Config
 
-    from moca_eval.mm_utils import on_cuda
+    from moca_eval.mm_utils import backbone_options, on_cuda
 
     c = Config.fromfile(str(CONFIG_FILE))
     work_dir = Path(cfg.work_dir)
@@ -153,8 +153,7 @@ def mm_config(cfg: DetConfig, *, embed_dim: int, classes: tuple[str, ...], world
     c.launcher = "pytorch" if world_size > 1 else "none"
     m = c.model
     m.backbone.update(checkpoint=str(cfg.ckpt), drop_path_rate=cfg.drop_path_rate, with_cp=cfg.with_cp,
-                      arch=cfg.arch, checkpoint_key=cfg.checkpoint_key, fmt=cfg.fmt, student=cfg.student,
-                      num_heads=cfg.num_heads)
+                      **backbone_options(cfg))
     m.neck.in_channels = [embed_dim] * 4
     for head in m.roi_head.bbox_head:
         head.num_classes = len(classes)
@@ -232,12 +231,11 @@ def run(cfg: DetConfig) -> DetResult:
     from mmengine.dist import get_world_size, is_main_process
 
     from moca_eval.checkpoints import load_backbone
-    from moca_eval.mm_utils import join_cpu_process_group
+    from moca_eval.mm_utils import backbone_options, join_cpu_process_group
 
     layout = coco.check_layout(cfg.data)
     join_cpu_process_group()
-    backbone = load_backbone(cfg.ckpt, img_size=None, arch=cfg.arch, checkpoint_key=cfg.checkpoint_key,
-                             fmt=cfg.fmt, student=cfg.student, num_heads=cfg.num_heads)
+    backbone = load_backbone(cfg.ckpt, img_size=None, **backbone_options(cfg))
     world_size = max(int(os.environ.get("WORLD_SIZE", "1")), get_world_size())
     cfg.batch_split(world_size)
     started = time.time()

@@ -49,6 +49,13 @@ def build_dense_vit(checkpoint: str | Path, *, img_size: int, drop_path_rate: fl
     return vit
 
 
+def backbone_options(cfg) -> dict:
+    """How a seg/det config says to load its checkpoint: ``load_backbone``'s keyword arguments,
+    also those of the registered mm backbones."""
+    return {"arch": cfg.arch, "checkpoint_key": cfg.checkpoint_key, "fmt": cfg.fmt,
+            "student": cfg.student, "num_heads": cfg.num_heads}
+
+
 def patch_token_map(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Final-LN patch tokens of ``x`` as ``[B, D, ceil(H/p), ceil(W/p)]`` (a ``build_dense_vit`` ViT)."""
     tokens = vit.forward_features(x)[:, vit.num_prefix_tokens:]

@@ -146,7 +146,7 @@ def mm_config(cfg: SegConfig, *, embed_dim: int, num_heads: int, split_file: Pat
     """The mmengine ``Config`` of one split: the mode's config file with this run's values."""
     from mmengine.config import Config
 
-    from moca_eval.mm_utils import set_device_options
+    from moca_eval.mm_utils import backbone_options, set_device_options
 
     c = Config.fromfile(str(CONFIG_DIR / f"segmenter_{cfg.mode}.py"))
     crop = (cfg.crop_size, cfg.crop_size)
@@ -158,9 +158,7 @@ def mm_config(cfg: SegConfig, *, embed_dim: int, num_heads: int, split_file: Pat
     c.data_preprocessor.size = crop
     m = c.model
     m.data_preprocessor.size = crop
-    m.backbone.update(checkpoint=str(cfg.ckpt), img_size=cfg.crop_size, arch=cfg.arch,
-                      checkpoint_key=cfg.checkpoint_key, fmt=cfg.fmt, student=cfg.student,
-                      num_heads=cfg.num_heads)
+    m.backbone.update(checkpoint=str(cfg.ckpt), img_size=cfg.crop_size, **backbone_options(cfg))
     m.decode_head.update(in_channels=embed_dim, channels=embed_dim)
     if cfg.mode == "finetune":
         m.decode_head.update(embed_dims=embed_dim, num_heads=num_heads)
@@ -212,13 +210,11 @@ def run(cfg: SegConfig) -> SegResult:
     from mmengine.dist import get_world_size, is_main_process
 
     from moca_eval.checkpoints import load_backbone
-    from moca_eval.mm_utils import join_cpu_process_group
+    from moca_eval.mm_utils import backbone_options, join_cpu_process_group
 
     cfg = cfg.validate()
     splits = training_splits(cfg)
-    backbone = load_backbone(cfg.ckpt, img_size=cfg.crop_size, arch=cfg.arch,
-                             checkpoint_key=cfg.checkpoint_key, fmt=cfg.fmt, student=cfg.student,
-                             num_heads=cfg.num_heads)
+    backbone = load_backbone(cfg.ckpt, img_size=cfg.crop_size, **backbone_options(cfg))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     join_cpu_process_group()
     started = time.time()
