@@ -58,7 +58,8 @@ class MocaEvalViTDet(BaseModule):
     """Any checkpoint moca-eval reads, as a 4-level mmdet backbone (see the module docstring).
 
     Args:
-        checkpoint: the SSL checkpoint (any layout ``moca_eval.checkpoints.load_backbone`` reads).
+        checkpoint: the SSL checkpoint (any layout ``moca_eval.checkpoints.load_backbone`` reads):
+            a path, or a ``BackboneConfig.to_dict()`` (which weights, how to read them).
         img_size: resolution the position table is resampled to when loading (None: the
             checkpoint's own); each input is then resampled to on the fly, any H x W.
         out_indices: 0-based blocks whose outputs feed strides 4, 8, 16, 32 (None:
@@ -70,16 +71,12 @@ class MocaEvalViTDet(BaseModule):
         norm_cfg: the norm between the two stride-4 deconvolutions (iBOT and BEiT: SyncBN).
     """
 
-    def __init__(self, checkpoint: str, img_size: int | None = None, *,
+    def __init__(self, checkpoint: str | dict, img_size: int | None = None, *,
                  out_indices: Sequence[int] | None = None, out_norm: bool = False,
                  drop_path_rate: float = 0.2, with_cp: bool = False,
-                 norm_cfg: dict | None = None, arch: str | None = None, checkpoint_key: str | None = None,
-                 fmt: str | None = None, student: bool = False, num_heads: int | None = None,
-                 init_cfg: dict | None = None) -> None:
+                 norm_cfg: dict | None = None, init_cfg: dict | None = None) -> None:
         super().__init__(init_cfg)
-        self.vit = build_dense_vit(checkpoint, img_size=img_size, drop_path_rate=drop_path_rate,
-                                   arch=arch, checkpoint_key=checkpoint_key, fmt=fmt, student=student,
-                                   num_heads=num_heads)
+        self.vit = build_dense_vit(checkpoint, img_size=img_size, drop_path_rate=drop_path_rate)
         depth = len(self.vit.blocks)
         out_indices = default_out_indices(depth) if out_indices is None else out_indices
         if len(out_indices) != len(TARGET_STRIDES) or not all(0 <= i < depth for i in out_indices):

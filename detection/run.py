@@ -10,17 +10,20 @@ reused instead of trained again. The val predictions stay in ``work_dir/predicti
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moca_eval.checkpoint_io import sha256_file
 from moca_eval.detection import coco
 from moca_eval.errors import ConfigError
-from moca_eval.results import backbone_info, provenance, write_json_atomic
+from moca_eval.families import SHARED_RECIPES, announce, recipe_name
+from moca_eval.mm_utils import as_backbone_config
+from moca_eval.pipeline import BackboneConfig
+from moca_eval.record import Clock, Record, checkpoint_block, dataset_block, metrics_block, recipe_block
+from moca_eval.runtime import fingerprint, make_plan, read_finished, write_finished
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ IOU_TYPES = ("bbox", "segm")
 class DetConfig:
     """One ``moca-eval det`` run (defaults: PROTOCOLS.md's COCO recipe, iBOT's setup)."""
 
-    ckpt: Path
+    backbone: BackboneConfig  # which weights (a checkpoint path is accepted too)
     data: Path
     epochs: int = 12
     lr: float = 2e-4  # the paper; iBOT's recipe: 1e-4
@@ -59,11 +62,9 @@ class DetConfig:
     num_preview: int = 4  # val images drawn with their predictions
     seed: int = 0
     cfg_options: dict | None = None  # mmengine overrides by dotted key, applied last
-    arch: str | None = None
-    checkpoint_key: str | None = None
-    fmt: str | None = None
-    student: bool = False
-    num_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backbone", as_backbone_config(self.backbone))
 
     def validate(self) -> DetConfig:
         for name in ("epochs", "batch_size", "per_gpu_batch", "max_long_side", "test_short_side"):
@@ -84,13 +85,13 @@ class DetConfig:
 
     def batch_split(self, world_size: int) -> tuple[int, int]:
         """``(images per process and step, accumulation steps)`` that make ``batch_size``."""
-        per_process, rest = divmod(self.batch_size, world_size)
-        per_step = min(self.per_gpu_batch, per_process)
-        if rest or not per_step or per_process % per_step:
+        try:
+            plan = make_plan(self.batch_size, self.per_gpu_batch, world_size)
+        except ConfigError:
             raise ConfigError(f"batch size {self.batch_size} cannot be split over {world_size} process(es) "
                               f"with {self.per_gpu_batch} image(s) each per step (use a multiple of "
-                              f"{self.per_gpu_batch * world_size})")
-        return per_step, per_process // per_step
+                              f"{self.per_gpu_batch * world_size})") from None
+        return plan.micro_batch, plan.accum
 
     def milestones(self) -> list[int]:
         return [max(1, round(self.epochs * f)) for f in MILESTONE_FRACTIONS]
@@ -102,14 +103,12 @@ class DetResult:
     segm: dict[str, float]
     epochs: int
     work_dir: str
+    record: Record
     eval_only: bool = False
     preview: str | None = None  # PNG of a few val images with the predictions drawn
-    meta: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"protocol": "detection", "dataset": "coco", "model": "cascade_mask_rcnn_vit_fpn",
-                "bbox": self.bbox, "segm": self.segm, "epochs": self.epochs, "eval_only": self.eval_only,
-                "work_dir": self.work_dir, "preview": self.preview, **self.meta}
+        return self.record.to_dict()
 
 
 def ap_table(metrics: dict[str, float], iou_type: str) -> dict[str, float]:
@@ -141,7 +140,7 @@ def mm_config(cfg: DetConfig, *, embed_dim: int, classes: tuple[str, ...], world
     """The mmengine ``Config`` of this run: the config file with this run's values."""
     from mmengine.config import Config
 
-    from moca_eval.mm_utils import backbone_options, on_cuda
+    from moca_eval.mm_utils import on_cuda
 
     c = Config.fromfile(str(CONFIG_FILE))
     work_dir = Path(cfg.work_dir)
@@ -152,8 +151,8 @@ def mm_config(cfg: DetConfig, *, embed_dim: int, classes: tuple[str, ...], world
     c.randomness = dict(seed=cfg.seed)
     c.launcher = "pytorch" if world_size > 1 else "none"
     m = c.model
-    m.backbone.update(checkpoint=str(cfg.ckpt), drop_path_rate=cfg.drop_path_rate, with_cp=cfg.with_cp,
-                      **backbone_options(cfg))
+    m.backbone.update(checkpoint=cfg.backbone.to_dict(), drop_path_rate=cfg.drop_path_rate,
+                      with_cp=cfg.with_cp)
     m.neck.in_channels = [embed_dim] * 4
     for head in m.roi_head.bbox_head:
         head.num_classes = len(classes)
@@ -230,19 +229,19 @@ def run(cfg: DetConfig) -> DetResult:
     require_stack()
     from mmengine.dist import get_world_size, is_main_process
 
-    from moca_eval.checkpoints import load_backbone
-    from moca_eval.mm_utils import backbone_options, join_cpu_process_group
+    from moca_eval.mm_utils import join_cpu_process_group
 
+    clock = Clock()
     layout = coco.check_layout(cfg.data)
-    join_cpu_process_group()
-    backbone = load_backbone(cfg.ckpt, img_size=None, **backbone_options(cfg))
     world_size = max(int(os.environ.get("WORLD_SIZE", "1")), get_world_size())
     cfg.batch_split(world_size)
-    started = time.time()
+    join_cpu_process_group()
+    backbone = cfg.backbone.load(img_size=None)
+    announce("det", backbone.family_choice, *recipe_name("det", backbone.family))
     work_dir = Path(cfg.work_dir)
     done = work_dir / ("eval.json" if cfg.eval_only else "result.json")
-    key = fingerprint(cfg, ckpt_sha=backbone.sha256, data_sha=_data_digest(layout))
-    stored = _finished(done, key)
+    key = run_fingerprint(cfg, ckpt_sha=backbone.sha256, data_sha=_data_digest(layout))
+    stored = _stored_figures(read_finished(done, key))
     if stored is not None:
         log.info("already evaluated, reusing %s", done)
         bbox, segm = stored
@@ -252,15 +251,28 @@ def run(cfg: DetConfig) -> DetResult:
                       world_size=world_size)
         metrics = train_and_evaluate(c, train=not cfg.eval_only)
         bbox, segm = ap_table(metrics, "bbox"), ap_table(metrics, "segm")
-        if is_main_process():
-            write_json_atomic(done, {"bbox": bbox, "segm": segm, "fingerprint": key})
+        write_finished(done, {"bbox": bbox, "segm": segm}, key)
     preview = _preview(cfg, work_dir) if is_main_process() else None
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
-    meta = {"checkpoint": backbone_info(backbone), "config": config, "classes": list(layout["train"].classes),
-            "n_train_images": layout["train"].n_images, "n_val_images": layout["val"].n_images,
-            "provenance": provenance(wall_time_s=round(time.time() - started, 1), world_size=world_size)}
-    return DetResult(bbox, segm, cfg.epochs, str(work_dir), cfg.eval_only,
-                     str(preview) if preview else None, meta)
+    settings = {k: v for k, v in asdict(cfg).items() if k != "backbone"}
+    recipe = {k: settings[k] for k in RECIPE_FIELDS}
+    record = Record(
+        "det", checkpoint_block(backbone),
+        dataset_block(cfg.data, splits={name: split.n_images for name, split in layout.items()},
+                      n_classes=len(layout["train"].classes), name="coco",
+                      classes=list(layout["train"].classes), annotations_sha256=_data_digest(layout)),
+        {"recipe": recipe_block(SHARED_RECIPES["det"], recipe, why="det uses one recipe for every family"),
+         **settings, "world_size": world_size, "preview": str(preview) if preview else None},
+        metrics_block("AP box", bbox["AP"], values={"bbox": bbox, "segm": segm, "AP_box": bbox["AP"],
+                                                    "AP_mask": segm["AP"]},
+                      rows=[{"task": task, **figures} for task, figures in (("bbox", bbox), ("segm", segm))]),
+        clock.provenance())
+    return DetResult(bbox, segm, cfg.epochs, str(work_dir), record, cfg.eval_only,
+                     str(preview) if preview else None)
+
+
+# The Cascade Mask R-CNN recipe's values (PROTOCOLS.md); the other fields say what to run and where.
+RECIPE_FIELDS = ("epochs", "lr", "layer_decay", "weight_decay", "drop_path_rate", "batch_size",
+                 "warmup_iters", "train_short_sides", "max_long_side", "test_short_side", "random_crop")
 
 
 def _preview(cfg: DetConfig, work_dir: Path) -> Path | None:
@@ -278,25 +290,24 @@ def _preview(cfg: DetConfig, work_dir: Path) -> Path | None:
 RUNTIME_FIELDS = ("work_dir", "resume", "num_workers", "num_preview", "with_cp")
 
 
-def fingerprint(cfg: DetConfig, *, ckpt_sha: str, data_sha: str) -> str:
+def run_fingerprint(cfg: DetConfig, *, ckpt_sha: str, data_sha: str) -> str:
     """What the figures depend on: the checkpoint, the annotations, the weights, every setting."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS and k not in ("ckpt", "data")}
+    skip = (*RUNTIME_FIELDS, "backbone", "data")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    settings["backbone"] = cfg.backbone.options()  # the path may move; the sha256 identifies it
     if cfg.weights is not None:
         settings["weights"] = sha256_file(Path(cfg.weights))
-    blob = json.dumps([settings, ckpt_sha, data_sha], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return fingerprint(settings, ckpt_sha, data_sha)
 
 
 def _data_digest(layout: dict[str, coco.CocoSplit]) -> str:
     return hashlib.sha256("".join(sha256_file(s.ann_file) for s in layout.values()).encode()).hexdigest()
 
 
-def _finished(path: Path, key: str) -> tuple[dict, dict] | None:
-    """The stored figures of a run whose ``fingerprint`` is ``key`` (else, or unreadable: None)."""
+def _stored_figures(stored: dict | None) -> tuple[dict, dict] | None:
+    """``(bbox, segm)`` of a stored result (None when absent or malformed)."""
     try:
-        stored = json.loads(path.read_text())
-        if stored.get("fingerprint") != key:
-            return None
-        return {k: float(stored["bbox"][k]) for k in AP_KEYS}, {k: float(stored["segm"][k]) for k in AP_KEYS}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ({k: float(stored["bbox"][k]) for k in AP_KEYS},
+                {k: float(stored["segm"][k]) for k in AP_KEYS})
+    except (KeyError, TypeError, ValueError):
         return None

@@ -27,7 +27,7 @@ class CheckpointFormat:
 
     name: str
     description: str
-    recipe: str
+    families: tuple[str, ...]  # who saves files of this shape; the first is assumed
     detect: Callable[[Mapping[str, Any]], bool]
     extract: Callable[[Mapping[str, Any], bool], Extracted]
     has_student: bool = False
@@ -177,57 +177,60 @@ def _is_dinov2_bare(ckpt: Mapping[str, Any]) -> bool:
 FORMATS: tuple[CheckpointFormat, ...] = (
     CheckpointFormat(
         "moca-full", "MOCA training checkpoint {'model': encoder_teacher./encoder./decoder...}",
-        "moca", lambda c: _has_prefix(_model(c), "encoder_teacher."), _moca_full, has_student=True,
+        ("moca",), lambda c: _has_prefix(_model(c), "encoder_teacher."), _moca_full, has_student=True,
     ),
     CheckpointFormat(
         "mae-full", "MAE training checkpoint {'model': encoder + decoder}",
-        "mae", lambda c: _looks_like_vit(_model(c)) and "decoder_embed.weight" in _model(c),
+        ("mae",), lambda c: _looks_like_vit(_model(c)) and "decoder_embed.weight" in _model(c),
         _mae_full,
     ),
     CheckpointFormat(
         "model-wrapped", "{'model': backbone}: MOCA extracted teacher, MAE release, timm",
-        "moca", lambda c: _looks_like_vit(_model(c)) and "decoder_embed.weight" not in _model(c),
+        ("moca", "mae", "timm"),
+        lambda c: _looks_like_vit(_model(c)) and "decoder_embed.weight" not in _model(c),
         _model_wrapped,
     ),
     CheckpointFormat(
         "dino-full", "DINO training checkpoint {'teacher': backbone./head., 'student': ...}",
-        "dino", lambda c: _has_teacher_student(c) and not _is_ibot(c), _dino_like,
+        ("dino",), lambda c: _has_teacher_student(c) and not _is_ibot(c), _dino_like,
         has_student=True,
     ),
     CheckpointFormat(
         "ibot-full", "iBOT training checkpoint {'teacher', 'student', 'ibot_loss'}",
-        "ibot", lambda c: _has_teacher_student(c) and _is_ibot(c), _dino_like, has_student=True,
+        ("ibot",), lambda c: _has_teacher_student(c) and _is_ibot(c), _dino_like, has_student=True,
     ),
     CheckpointFormat(
-        "dinov2-train", "DINOv2 teacher_checkpoint.pth {'teacher': backbone./dino_head./ibot_head.}",
-        "dinov2",
+        "dinov2-train", "DINOv2 teacher_checkpoint.pth {'teacher': backbone./dino_head./ibot_head.}, "
+        "or a DINO teacher-only file",
+        ("dinov2", "dino"),
         lambda c: isinstance(c.get("teacher"), Mapping) and "student" not in c
         and _looks_like_vit(c["teacher"], "backbone."),
         _dinov2_train,
     ),
     CheckpointFormat(
         "state-dict-wrapped", "{'state_dict': backbone}: iBOT extracted, timm",
-        "ibot", lambda c: isinstance(c.get("state_dict"), Mapping) and _looks_like_vit(c["state_dict"]),
+        ("ibot", "timm"),
+        lambda c: isinstance(c.get("state_dict"), Mapping) and _looks_like_vit(c["state_dict"]),
         _state_dict_wrapped,
     ),
     CheckpointFormat(
         "mocov3", "MoCo-v3 checkpoint {'state_dict': module.base_encoder./momentum_encoder.}",
-        "mocov3",
+        ("mocov3",),
         lambda c: isinstance(c.get("state_dict"), Mapping)
         and _looks_like_vit(c["state_dict"], "module.base_encoder."),
         _mocov3, num_heads_hint=lambda width: 12 if width == 384 else None,
     ),
     CheckpointFormat(
         "msn", "MSN checkpoint {'target_encoder': module.*, 'encoder', 'prototypes'}",
-        "msn", lambda c: isinstance(c.get("target_encoder"), Mapping), _msn, has_student=True,
+        ("msn",), lambda c: isinstance(c.get("target_encoder"), Mapping), _msn, has_student=True,
     ),
     CheckpointFormat(
         "dinov2-hub", "DINOv2 hub state dict (mask_token, ls1/ls2, register_tokens)",
-        "dinov2", _is_dinov2_bare, _dinov2_hub,
+        ("dinov2",), _is_dinov2_bare, _dinov2_hub,
     ),
     CheckpointFormat(
         "bare", "plain backbone state dict: DINO release, timm, safetensors",
-        "dino", lambda c: _looks_like_vit(c) and not _is_dinov2_bare(c), _bare,
+        ("dino", "timm"), lambda c: _looks_like_vit(c) and not _is_dinov2_bare(c), _bare,
     ),
 )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import pickle
 import re
 import warnings
@@ -34,7 +35,18 @@ SAFE_GLOBALS: list[Any] = [argparse.Namespace, *_numpy_globals()]
 
 
 def sha256_file(path: Path, *, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
+    """Hex sha256 of a file, read in chunks (remembered per path, size and mtime in this process)."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        _SHA256[key] = _sha256(path, chunk)
+    return _SHA256[key]
+
+
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256(path: Path, chunk: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):

@@ -28,6 +28,7 @@ from moca_eval.checkpoint_formats import (
 )
 from moca_eval.checkpoint_io import read_checkpoint, sha256_file
 from moca_eval.errors import CheckpointError, ConfigError
+from moca_eval.families import GENERIC, FamilyChoice, check_family_name, choose_family
 from moca_eval.models import (
     ARCHS,
     ArchSpec,
@@ -47,7 +48,7 @@ class LoadedBackbone:
 
     model: VisionTransformer
     format: str
-    recipe: str
+    family: str
     arch: ArchSpec
     sha256: str
     path: Path
@@ -55,12 +56,14 @@ class LoadedBackbone:
     pos_embed: str  # "sincos" | "learned"
     student: bool = False
     checkpoint_key: str | None = None
+    family_choice: FamilyChoice | None = None  # how ``family`` was chosen
 
     def summary(self) -> str:
         """One line for logs: format, architecture, weights chosen."""
         which = "student" if self.student else "teacher/eval weights"
         return (
-            f"{self.path.name}: format {self.format} ({which}), {self.arch.describe()}, "
+            f"{self.path.name}: format {self.format} ({which}), family {self.family}, "
+            f"{self.arch.describe()}, "
             f"{self.pos_embed} pos-embed, {len(self.dropped)} non-backbone keys dropped"
         )
 
@@ -141,6 +144,7 @@ def load_backbone(
     student: bool = False,
     img_size: int | None = 224,
     num_heads: int | None = None,
+    family: str | None = None,
 ) -> LoadedBackbone:
     """Load the evaluation backbone (teacher by default) of any supported checkpoint.
 
@@ -154,8 +158,11 @@ def load_backbone(
             checkpoint's own resolution).
         num_heads: attention heads, for widths the head-count rule does not know (shapes
             cannot tell it); overrides the rule, the layout's hint and ``arch``.
+        family: who trained the checkpoint (``FAMILIES``), for layouts several families
+            share; it decides every protocol's defaults. None: the layout's first family.
     """
     path = Path(path)
+    check_family_name(family)
     ckpt = read_checkpoint(path)
     try:
         chosen, sd, dropped = _extract(ckpt, path=path, checkpoint_key=checkpoint_key, fmt=fmt,
@@ -171,6 +178,7 @@ def load_backbone(
         if num_heads < 1 or spec.embed_dim % num_heads:
             raise ConfigError(f"--num-heads {num_heads} does not divide the width {spec.embed_dim}")
         spec = replace(spec, num_heads=num_heads)
+    choice = choose_family(chosen.name, chosen.families, family)
     img_size = img_size or spec.img_size
     if img_size % spec.patch_size:
         raise ConfigError(f"image size {img_size} is not a multiple of the patch size {spec.patch_size}")
@@ -178,7 +186,7 @@ def load_backbone(
     sincos = is_sincos(sd["pos_embed"], num_prefix=prefix)
     sd["pos_embed"] = resize_pos_embed(
         sd["pos_embed"], new_grid=img_size // spec.patch_size, num_prefix=prefix, sincos=sincos,
-        dinov2_offset=chosen.recipe == "dinov2" and spec.reg_tokens == 0)
+        dinov2_offset=choice.family == "dinov2" and spec.reg_tokens == 0)
     spec = with_img_size(spec, img_size)
     model = build_vit(spec)
     strict_load(model, sd, path=path)
@@ -186,9 +194,9 @@ def load_backbone(
     model.eval()
     log.info("loaded %s", path)
     return LoadedBackbone(
-        model=model, format=chosen.name, recipe=chosen.recipe, arch=spec, sha256=sha256_file(path),
+        model=model, format=chosen.name, family=choice.family, arch=spec, sha256=sha256_file(path),
         path=path, dropped=tuple(dropped), pos_embed="sincos" if sincos else "learned",
-        student=student, checkpoint_key=checkpoint_key,
+        student=student, checkpoint_key=checkpoint_key, family_choice=choice,
     )
 
 
@@ -199,7 +207,7 @@ def _extract(
         if student:
             raise ConfigError("--student cannot be combined with --checkpoint-key (the key already "
                               "says which weights to take)")
-        custom = CheckpointFormat("custom-key", f"state dict under {checkpoint_key!r}", "dino",
+        custom = CheckpointFormat("custom-key", f"state dict under {checkpoint_key!r}", (GENERIC,),
                                   lambda c: True, lambda c, s: custom_key_extract(c, checkpoint_key))
         sd, dropped = custom.extract(ckpt, student)
         return custom, sd, dropped

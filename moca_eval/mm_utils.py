@@ -33,27 +33,29 @@ from torch import nn
 
 from moca_eval import distributed
 from moca_eval.checkpoint_io import SAFE_GLOBALS
-from moca_eval.checkpoints import load_backbone
 from moca_eval.errors import DatasetError
 from moca_eval.models import build_vit
+from moca_eval.pipeline import BackboneConfig
 
 
-def build_dense_vit(checkpoint: str | Path, *, img_size: int, drop_path_rate: float = 0.0,
-                    **load_kwargs) -> nn.Module:
+def as_backbone_config(checkpoint: str | Path | dict | BackboneConfig) -> BackboneConfig:
+    """A checkpoint path, a ``BackboneConfig`` or its ``to_dict()`` (as mmengine configs hold it)."""
+    if isinstance(checkpoint, BackboneConfig):
+        return checkpoint
+    if isinstance(checkpoint, dict):
+        return BackboneConfig.from_dict(checkpoint)
+    return BackboneConfig(ckpt=Path(checkpoint))
+
+
+def build_dense_vit(checkpoint: str | Path | dict | BackboneConfig, *, img_size: int | None,
+                    drop_path_rate: float = 0.0) -> nn.Module:
     """The loader's ViT at ``img_size``, rebuilt with drop path and a dynamic input size."""
-    backbone = load_backbone(checkpoint, img_size=img_size, **load_kwargs)
+    backbone = as_backbone_config(checkpoint).load(img_size=img_size)
     vit = build_vit(backbone.arch, drop_path_rate=drop_path_rate, dynamic_img_size=True,
                     dynamic_img_pad=True)
     vit.load_state_dict(backbone.model.state_dict())
     vit.pos_embed.requires_grad_(backbone.model.pos_embed.requires_grad)
     return vit
-
-
-def backbone_options(cfg) -> dict:
-    """How a seg/det config says to load its checkpoint: ``load_backbone``'s keyword arguments,
-    also those of the registered mm backbones."""
-    return {"arch": cfg.arch, "checkpoint_key": cfg.checkpoint_key, "fmt": cfg.fmt,
-            "student": cfg.student, "num_heads": cfg.num_heads}
 
 
 def patch_token_map(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from moca_eval.checkpoints import LoadedBackbone, load_backbone
 from moca_eval.data import ImageFolderIndex, eval_transform, load_split
 from moca_eval.errors import ConfigError
 from moca_eval.features import ExtractConfig, FeatureSet, extract_features
+from moca_eval.record import dataset_block
 
 
 @dataclass(frozen=True)
@@ -21,13 +22,26 @@ class BackboneConfig:
     checkpoint_key: str | None = None
     fmt: str | None = None
     student: bool = False
-    img_size: int = 224
+    img_size: int | None = 224  # None: the checkpoint's own resolution
     num_heads: int | None = None
+    family: str | None = None  # None: the layout's (first) family
 
-    def load(self) -> LoadedBackbone:
-        return load_backbone(self.ckpt, arch=self.arch, checkpoint_key=self.checkpoint_key,
-                             fmt=self.fmt, student=self.student, img_size=self.img_size,
-                             num_heads=self.num_heads)
+    def load(self, **overrides: object) -> LoadedBackbone:
+        """``load_backbone`` with these settings (``overrides`` replace fields, e.g. img_size)."""
+        options = {**self.options(), **overrides}
+        return load_backbone(self.ckpt, **options)
+
+    def options(self) -> dict[str, object]:
+        """``load_backbone``'s keyword arguments (everything but the path)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "ckpt"}
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready (mmengine configs, records); ``from_dict`` reads it back."""
+        return {"ckpt": str(self.ckpt), **self.options()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> BackboneConfig:
+        return cls(**{**values, "ckpt": Path(values["ckpt"])})
 
 
 @dataclass(frozen=True)
@@ -38,7 +52,7 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     resize: int | None = None  # default: crop / 0.875 (256 for 224)
-    interpolation: str = "bicubic"
+    interpolation: str | None = "bicubic"  # None: the protocol recipe's
 
     def splits(self) -> tuple[ImageFolderIndex, ImageFolderIndex]:
         """Train and val indexes, labelled with the train classes."""
@@ -55,18 +69,26 @@ class FeatureJob:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
 
 
-def extract_splits(job: FeatureJob, names: Sequence[str], backbone: LoadedBackbone, *,
-                   min_train: int = 0, why: str = "") -> tuple[FeatureSet, FeatureSet]:
-    """Train and val features for ``names`` (cached: a second protocol reuses them).
-
-    A train split of fewer than ``min_train`` images is a ConfigError (``why`` says what needs
-    them), raised before any image goes through the backbone.
-    """
-    transform = eval_transform(backbone.arch.img_size, resize=job.data.resize,
-                               interpolation=job.data.interpolation)
-    train_index, val_index = job.data.splits()
-    if len(train_index) < min_train:
+def check_train_size(job: FeatureJob, train_index: ImageFolderIndex, need: int, why: str) -> None:
+    """A train split of fewer than ``need`` images is a ConfigError (before any loading)."""
+    if len(train_index) < need:
         raise ConfigError(f"{why} exceeds the {len(train_index)} training images of {job.data.root}")
-    train = extract_features(backbone, train_index, names, job.extract, transform=transform)
-    val = extract_features(backbone, val_index, names, job.extract, transform=transform)
+
+
+def extract_splits(job: FeatureJob, names: Sequence[str], backbone: LoadedBackbone,
+                   splits: tuple[ImageFolderIndex, ImageFolderIndex]) -> tuple[FeatureSet, FeatureSet]:
+    """Train and val features for ``names`` of ``splits`` (cached: a second protocol reuses them)."""
+    transform = eval_transform(backbone.arch.img_size, resize=job.data.resize,
+                               interpolation=job.data.interpolation or "bicubic")
+    train = extract_features(backbone, splits[0], names, job.extract, transform=transform)
+    val = extract_features(backbone, splits[1], names, job.extract, transform=transform)
     return train, val
+
+
+def dataset_info(job: FeatureJob, splits: tuple[ImageFolderIndex, ImageFolderIndex], *,
+                 skipped: Sequence[str] = ()) -> dict:
+    """The record's ``dataset`` block for a train/val ImageFolder job."""
+    d = job.data
+    return dataset_block(d.root, splits={d.train_split: splits[0], d.val_split: splits[1]},
+                         n_classes=len(splits[0].classes), skipped=skipped,
+                         resize=d.resize, interpolation=d.interpolation)

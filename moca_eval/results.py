@@ -98,22 +98,6 @@ def provenance(**extra: Any) -> dict[str, Any]:
     }
 
 
-def backbone_info(backbone: Any) -> dict[str, Any]:
-    """The checkpoint part of provenance for a ``LoadedBackbone``."""
-    return {
-        "path": str(backbone.path),
-        "sha256": backbone.sha256,
-        "format": backbone.format,
-        "recipe": backbone.recipe,
-        "student": backbone.student,
-        "checkpoint_key": backbone.checkpoint_key,
-        "arch": backbone.arch.describe(),
-        "arch_spec": {k: getattr(backbone.arch, k) for k in backbone.arch.__dataclass_fields__},
-        "pos_embed": backbone.pos_embed,
-        "dropped_keys": len(backbone.dropped),
-    }
-
-
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """A plain fixed-width table; floats with two decimals."""
     def cell(value: Any) -> str:

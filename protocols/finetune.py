@@ -31,13 +31,13 @@ from torch.utils.data import DataLoader
 from moca_eval.checkpoints import LoadedBackbone
 from moca_eval.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, collate_skip_bad, eval_transform
 from moca_eval.errors import CheckpointError, ConfigError
+from moca_eval.families import resolve_recipe
 from moca_eval.models import build_vit
-from moca_eval.pipeline import FeatureJob
+from moca_eval.pipeline import FeatureJob, dataset_info
 from moca_eval.protocols import training
 from moca_eval.protocols.knn import topk_correct
-from moca_eval.recipes import RECIPES_VERSION
+from moca_eval.record import Clock, Record, checkpoint_block, metrics_block, recipe_block
 from moca_eval.registry import Registry
-from moca_eval.results import backbone_info, provenance
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,10 @@ for _r in (
                    drop_path=0.1, global_pool="token"),
     FinetuneRecipe("dino", "DINO published no fine-tuning recipe: iBOT's settings are used",
                    warmup_epochs=20, warmup_lr=1e-6, drop_path=0.1, global_pool="token"),
+    *(FinetuneRecipe(name, f"{who}: no fine-tuning recipe in PROTOCOLS.md; generic = the MOCA paper's "
+                     "(BEiT/MAE recipe, Table 13): blr 1e-3, ld 0.65, drop path 0.2, average pooling")
+      for name, who in (("msn", "MSN"), ("mocov3", "MoCo-v3"), ("dinov2", "DINOv2"),
+                        ("timm", "timm/unknown (generic fallback)"))),
 ):
     FINETUNE_RECIPES.register(_r.name, _r)
 
@@ -91,7 +95,8 @@ class FinetuneConfig:
     """A fine-tuning run. ``output_dir=None``: no checkpoints or log."""
 
     job: FeatureJob
-    recipe: FinetuneRecipe = field(default_factory=finetune_recipe)
+    recipe: FinetuneRecipe | str | None = None  # None: the checkpoint family's; a name: that recipe
+    overrides: dict[str, Any] = field(default_factory=dict)  # recipe fields to replace
     output_dir: Path | None = None
     resume: bool = False
     eval_every: int = 1  # evaluate on val every N epochs (and after the last)
@@ -109,13 +114,10 @@ class FinetuneResult:
     history: list[dict]
     n_train: int
     n_val: int
-    meta: dict = field(default_factory=dict)
+    record: Record
 
     def to_dict(self) -> dict:
-        return {"protocol": "finetune", "top1": self.last_top1, "top5": self.last_top5,
-                "best_top1": self.best_top1, "best_top5": self.best_top5, "best_epoch": self.best_epoch,
-                "last_top1": self.last_top1, "last_top5": self.last_top5, "n_train": self.n_train,
-                "n_val": self.n_val, "history": self.history, **self.meta}
+        return self.record.to_dict()
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -261,13 +263,18 @@ def _fingerprint(cfg: FinetuneConfig, backbone: LoadedBackbone, n_train: int, pr
 
 def run(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune the whole network (resuming if asked); val top-1/top-5, best and last."""
-    recipe = cfg.recipe
-    if recipe.epochs < 1 or recipe.blr <= 0 or cfg.eval_every < 1:
-        raise ConfigError("epochs, eval_every and blr must be positive")
-    started = time.time()
+    if cfg.eval_every < 1:
+        raise ConfigError("eval_every must be positive")
+    if isinstance(cfg.recipe, str):
+        FINETUNE_RECIPES.canonical(cfg.recipe)
+    clock = Clock()
+    train_index, val_index = cfg.job.data.splits()
     rt = training.make_runtime(cfg.job.extract)
     backbone = cfg.job.backbone.load()
-    train_index, val_index = cfg.job.data.splits()
+    recipe, why = resolve_recipe(FINETUNE_RECIPES, "finetune", backbone, cfg.recipe, cfg.overrides)
+    cfg = replace(cfg, recipe=recipe)
+    if recipe.epochs < 1 or recipe.blr <= 0:
+        raise ConfigError("epochs and blr must be positive")
     num_classes = len(train_index.classes)
     plan = training.make_plan(recipe.batch_size, cfg.micro_batch or cfg.job.extract.batch_size,
                               rt.dist.world_size)
@@ -294,7 +301,7 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
                torch.as_tensor(train_index.labels), mixup, make_criterion(recipe, mixup))
     val_rows = range(rt.dist.rank, len(val_index), rt.dist.world_size)
     val_tf = eval_transform(backbone.arch.img_size, resize=cfg.job.data.resize,
-                            interpolation=cfg.job.data.interpolation)
+                            interpolation=cfg.job.data.interpolation or "bicubic")
     val_loader = DataLoader(ImageDataset(val_index, val_tf, val_rows), batch_size=plan.micro_batch,
                             num_workers=cfg.job.extract.num_workers, collate_fn=collate_skip_bad)
     val_labels = torch.as_tensor(val_index.labels)
@@ -312,17 +319,19 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "history": history, "config": fingerprint})
     best = max(history, key=lambda h: (h["top1"], h["top5"]))
-    meta = {
-        "recipe": training.jsonable(asdict(recipe)),
-        "checkpoint": backbone_info(backbone),
-        "dataset": {"root": str(cfg.job.data.root), "n_classes": num_classes},
-        "config": {"global_batch": plan.global_batch, "micro_batch": plan.micro_batch, "accum": plan.accum,
-                   "world_size": plan.world_size, "steps_per_epoch": steps, "lr": lr,
-                   "precision": rt.precision, "img_size": backbone.arch.img_size, "seed": cfg.seed,
-                   "eval_every": cfg.eval_every, "resumed_from_epoch": start,
-                   "recipes_version": RECIPES_VERSION},
-        "wall_time_s": round(time.time() - started, 3),
-        "provenance": provenance(),
-    }
-    return FinetuneResult(best["top1"], best["top5"], best["epoch"], history[-1]["top1"], history[-1]["top5"],
-                          history, len(train_index), len(val_index), meta)
+    last = history[-1]
+    result_record = Record(
+        "finetune", checkpoint_block(backbone), dataset_info(cfg.job, (train_index, val_index)),
+        {"recipe": recipe_block(recipe.name, training.jsonable(asdict(recipe)), why=why),
+         "global_batch": plan.global_batch, "micro_batch": plan.micro_batch, "accum": plan.accum,
+         "world_size": plan.world_size, "steps_per_epoch": steps, "lr": lr,
+         "precision": rt.precision, "img_size": backbone.arch.img_size, "seed": cfg.seed,
+         "eval_every": cfg.eval_every, "resumed_from_epoch": start,
+         "n_train": len(train_index), "n_val": len(val_index)},
+        metrics_block("top1 (last epoch)", last["top1"],
+                      values={"top1": last["top1"], "top5": last["top5"], "best_top1": best["top1"],
+                              "best_top5": best["top5"], "best_epoch": best["epoch"]},
+                      rows=history),
+        clock.provenance())
+    return FinetuneResult(best["top1"], best["top5"], best["epoch"], last["top1"], last["top5"],
+                          history, len(train_index), len(val_index), result_record)

@@ -8,18 +8,17 @@ of ``exp(similarity / T)`` for their class. Top-1 and top-5 in percent.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from moca_eval.errors import ConfigError
+from moca_eval.families import FAMILIES, announce
 from moca_eval.features import check_feature_name
-from moca_eval.pipeline import FeatureJob, extract_splits
-from moca_eval.recipes import RECIPES, RECIPES_VERSION
-from moca_eval.results import backbone_info, provenance
+from moca_eval.pipeline import FeatureJob, check_train_size, dataset_info, extract_splits
+from moca_eval.record import Clock, Record, checkpoint_block, metrics_block, recipe_block
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +49,10 @@ class KnnResult:
     feature: str
     n_train: int
     n_val: int
-    meta: dict = field(default_factory=dict)
+    record: Record
 
     def to_dict(self) -> dict:
-        return {"protocol": "knn", "feature": self.feature, "n_train": self.n_train,
-                "n_val": self.n_val, "results": [asdict(s) for s in self.scores], **self.meta}
+        return self.record.to_dict()
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -115,25 +113,39 @@ def evaluate(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
     return out
 
 
+def headline_score(scores: Sequence[KnnScore]) -> KnnScore:
+    """The paper's setting: k=20 at the first temperature; else the first (k, T)."""
+    return next((s for s in scores if s.k == 20), scores[0])
+
+
 def run(cfg: KnnConfig) -> KnnResult:
     """Load the checkpoint, extract (or reuse cached) features, evaluate every (k, T)."""
     if not cfg.ks or min(cfg.ks) < 1 or not cfg.temperatures or min(cfg.temperatures) <= 0:
         raise ConfigError("k values must be >= 1 and temperatures > 0")
-    started = time.time()
+    if cfg.feature is not None:
+        check_feature_name(cfg.feature)
+    clock = Clock()
+    splits = cfg.job.data.splits()
+    check_train_size(cfg.job, splits[0], max(cfg.ks), f"k={max(cfg.ks)}")
     backbone = cfg.job.backbone.load()
-    feature = check_feature_name(cfg.feature or RECIPES.get(backbone.recipe).knn_feature)
-    train, val = extract_splits(cfg.job, [feature], backbone, min_train=max(cfg.ks), why=f"k={max(cfg.ks)}")
+    family = FAMILIES.get(backbone.family)
+    feature = check_feature_name(cfg.feature or family.feature)
+    why = "--feature" if cfg.feature else f"family {family.name}"
+    announce("knn", backbone.family_choice, f"{family.name} (feature {feature})", why)
+    train, val = extract_splits(cfg.job, [feature], backbone, splits)
     scores = evaluate(train.features[feature], train.labels, val.features[feature], val.labels,
                       ks=cfg.ks, temperatures=cfg.temperatures, num_classes=len(train.classes),
                       use_gpu=cfg.use_gpu)
-    meta = {
-        "checkpoint": backbone_info(backbone),
-        "dataset": {"root": str(cfg.job.data.root), "n_classes": len(train.classes),
-                    "skipped_images": train.skipped + val.skipped},
-        "config": {"ks": list(cfg.ks), "temperatures": list(cfg.temperatures),
-                   "precision": cfg.job.extract.resolved_precision(), "img_size": backbone.arch.img_size,
-                   "recipes_version": RECIPES_VERSION, "seed": cfg.seed},
-        "wall_time_s": round(time.time() - started, 3),
-        "provenance": provenance(),
-    }
-    return KnnResult(scores, feature, len(train), len(val), meta)
+    head = headline_score(scores)
+    record = Record(
+        "knn", checkpoint_block(backbone),
+        dataset_info(cfg.job, splits, skipped=train.skipped + val.skipped),
+        {"recipe": recipe_block(family.name, {"feature": family.feature}, why=f"family {family.name}"),
+         "feature": feature, "ks": list(cfg.ks), "temperatures": list(cfg.temperatures),
+         "precision": cfg.job.extract.resolved_precision(), "img_size": backbone.arch.img_size,
+         "n_train": len(train), "n_val": len(val), "seed": cfg.seed},
+        metrics_block(f"top1@k={head.k},T={head.temperature:g}", head.top1,
+                      values={"top1": head.top1, "top5": head.top5},
+                      rows=[asdict(s) for s in scores]),
+        clock.provenance())
+    return KnnResult(scores, feature, len(train), len(val), record)

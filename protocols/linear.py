@@ -28,13 +28,13 @@ from torch import nn
 from moca_eval.checkpoints import LoadedBackbone
 from moca_eval.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderIndex, eval_transform
 from moca_eval.errors import ConfigError
+from moca_eval.families import resolve_recipe
 from moca_eval.features import FeatureSet, check_feature_name, compute_features, extract_features
-from moca_eval.pipeline import FeatureJob, extract_splits
+from moca_eval.pipeline import FeatureJob, dataset_info, extract_splits
 from moca_eval.protocols import training
 from moca_eval.protocols.linear_heads import GridSGD, HeadGrid, grid_loss, head_accuracy
-from moca_eval.recipes import RECIPES_VERSION
+from moca_eval.record import Clock, Record, checkpoint_block, metrics_block, recipe_block
 from moca_eval.registry import Registry
-from moca_eval.results import backbone_info, provenance
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,10 @@ for _r in (
     LinearRecipe("mae", "MAE main_linprobe: LARS (trust 1e-3), BatchNorm (no affine) before the head, "
                  "blr 0.1, batch 16384, 90 ep, 10 warm-up, bicubic crops", blr=0.1, batch_size=16384,
                  epochs=90, warmup_epochs=10, head_norm="bn", interpolation="bicubic", optimizer="lars"),
+    *(LinearRecipe(name, f"{who}: no linear recipe in PROTOCOLS.md; generic = the MOCA paper's (iBOT "
+                   "protocol): SGD 0.9, blr 0.04, batch 1024, 100 ep, lr grid, held-out selection")
+      for name, who in (("msn", "MSN"), ("mocov3", "MoCo-v3"), ("dinov2", "DINOv2"),
+                        ("timm", "timm/unknown (generic fallback)"))),
 ):
     LINEAR_RECIPES.register(_r.name, _r)
 
@@ -96,7 +100,8 @@ class LinearConfig:
     """A linear-probe run. ``output_dir=None``: no checkpoints or log (quick runs)."""
 
     job: FeatureJob
-    recipe: LinearRecipe = field(default_factory=linear_recipe)
+    recipe: LinearRecipe | str | None = None  # None: the checkpoint family's; a name: that recipe
+    overrides: dict[str, Any] = field(default_factory=dict)  # recipe fields to replace
     mode: Mode = "augmented"
     select_on: SelectOn = "holdout"
     holdout_fraction: float = 0.1
@@ -126,13 +131,10 @@ class LinearResult:
     n_train: int
     n_holdout: int
     n_val: int
-    meta: dict = field(default_factory=dict)
+    record: Record
 
     def to_dict(self) -> dict:
-        return {"protocol": "linear", "mode": self.mode, "select_on": self.select_on,
-                "top1": self.selected.val_top1, "top5": self.selected.val_top5,
-                "selected": asdict(self.selected), "n_train": self.n_train, "n_holdout": self.n_holdout,
-                "n_val": self.n_val, "heads": [asdict(h) for h in self.heads], **self.meta}
+        return self.record.to_dict()
 
 
 def holdout_split(labels: np.ndarray, fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -175,18 +177,19 @@ def _subset(fs: FeatureSet, rows: np.ndarray) -> FeatureSet:
                       [fs.paths[i] for i in rows], fs.classes)
 
 
-def prepare_data(cfg: LinearConfig, backbone: LoadedBackbone, names: Sequence[str]) -> ProbeData:
+def prepare_data(cfg: LinearConfig, backbone: LoadedBackbone, names: Sequence[str],
+                 splits: tuple[ImageFolderIndex, ImageFolderIndex]) -> ProbeData:
     """Cached features (``cached``) or the image index (``augmented``), and the held-out split."""
     fraction = cfg.holdout_fraction if cfg.select_on == "holdout" else 0.0
     if cfg.mode == "cached":
-        train, val = extract_splits(cfg.job, names, backbone)
+        train, val = extract_splits(cfg.job, names, backbone, splits)
         rows, held = holdout_split(train.labels, fraction, seed=cfg.seed)
         holdout = _subset(train, held) if len(held) else None
         return ProbeData(rows, torch.from_numpy(train.labels), _tensors(train, names), None, holdout, val,
                          len(train.classes), {n: train.features[n].shape[1] for n in names})
-    train_index, val_index = cfg.job.data.splits()
+    train_index, val_index = splits
     transform = eval_transform(backbone.arch.img_size, resize=cfg.job.data.resize,
-                               interpolation=cfg.job.data.interpolation)
+                               interpolation=cfg.job.data.interpolation or "bicubic")
     rows, held = holdout_split(np.asarray(train_index.labels), fraction, seed=cfg.seed)
     holdout = extract_features(backbone, train_index.subset(held), names, cfg.job.extract,
                                transform=transform) if len(held) else None
@@ -285,6 +288,11 @@ def _check(cfg: LinearConfig) -> None:
         raise ConfigError(f"unknown --select-on {cfg.select_on!r}; use holdout or val")
     if cfg.select_on == "holdout" and not 0 < cfg.holdout_fraction < 1:
         raise ConfigError(f"held-out fraction must be in (0, 1), got {cfg.holdout_fraction}")
+    if isinstance(cfg.recipe, str):
+        LINEAR_RECIPES.canonical(cfg.recipe)
+
+
+def _check_recipe(cfg: LinearConfig) -> None:
     if cfg.recipe.optimizer not in ("sgd", "lars"):
         raise ConfigError(f"unknown linear optimizer {cfg.recipe.optimizer!r}; use sgd or lars")
     if cfg.recipe.epochs < 1 or min(cfg.recipe.head_lrs) <= 0:
@@ -306,12 +314,15 @@ def _fingerprint(cfg: LinearConfig, backbone: LoadedBackbone, data: ProbeData, p
 def run(cfg: LinearConfig) -> LinearResult:
     """Train the head grid (resuming if asked), score every head, select one."""
     _check(cfg)
-    started = time.time()
+    clock = Clock()
+    splits = cfg.job.data.splits()
     rt = training.make_runtime(cfg.job.extract)
     backbone = cfg.job.backbone.load()
-    names = tuple(check_feature_name(n) for n in dict.fromkeys(cfg.recipe.features))
-    data = prepare_data(cfg, backbone, names)
-    recipe = cfg.recipe
+    recipe, why = resolve_recipe(LINEAR_RECIPES, "linear", backbone, cfg.recipe, cfg.overrides)
+    cfg = replace(cfg, recipe=recipe)
+    _check_recipe(cfg)
+    names = tuple(check_feature_name(n) for n in dict.fromkeys(recipe.features))
+    data = prepare_data(cfg, backbone, names, splits)
     micro = cfg.micro_batch or (cfg.job.extract.batch_size if cfg.mode == "augmented" else None)
     plan = training.make_plan(recipe.batch_size, micro, rt.dist.world_size)
     steps = training.steps_per_epoch(len(data.train_rows), plan)
@@ -349,19 +360,22 @@ def run(cfg: LinearConfig) -> LinearResult:
                 "epoch": epoch + 1, "heads": grid.state_dict(), "optimizer": optimizer.state_dict(),
                 "config": fingerprint})
     heads, best = score_heads(grid, data, select_on=cfg.select_on, lr_scale=lr_scale, device=rt.device)
-    meta = {
-        "recipe": training.jsonable(asdict(recipe)),
-        "checkpoint": backbone_info(backbone),
-        "dataset": {"root": str(cfg.job.data.root), "n_classes": data.num_classes,
-                    "skipped_images": data.val.skipped + (data.holdout.skipped if data.holdout else [])},
-        "config": {"mode": cfg.mode, "select_on": cfg.select_on, "holdout_fraction": cfg.holdout_fraction,
-                   "global_batch": plan.global_batch, "micro_batch": plan.micro_batch, "accum": plan.accum,
-                   "world_size": plan.world_size, "steps_per_epoch": steps, "lr_scale": lr_scale,
-                   "precision": rt.precision, "img_size": backbone.arch.img_size, "seed": cfg.seed,
-                   "resumed_from_epoch": start, "recipes_version": RECIPES_VERSION},
-        "wall_time_s": round(time.time() - started, 3),
-        "provenance": provenance(),
-    }
     n_hold = 0 if data.holdout is None else len(data.holdout)
-    return LinearResult(heads[best], heads, cfg.mode, cfg.select_on, len(data.train_rows), n_hold,
-                        len(data.val), meta)
+    sel = heads[best]
+    skipped = data.val.skipped + (data.holdout.skipped if data.holdout else [])
+    result_record = Record(
+        "linear", checkpoint_block(backbone), dataset_info(cfg.job, splits, skipped=skipped),
+        {"recipe": recipe_block(recipe.name, training.jsonable(asdict(recipe)), why=why),
+         "mode": cfg.mode, "select_on": cfg.select_on, "holdout_fraction": cfg.holdout_fraction,
+         "global_batch": plan.global_batch, "micro_batch": plan.micro_batch, "accum": plan.accum,
+         "world_size": plan.world_size, "steps_per_epoch": steps, "lr_scale": lr_scale,
+         "precision": rt.precision, "img_size": backbone.arch.img_size, "seed": cfg.seed,
+         "resumed_from_epoch": start, "n_train": len(data.train_rows), "n_holdout": n_hold,
+         "n_val": len(data.val)},
+        metrics_block("top1 (selected head)", sel.val_top1,
+                      values={"top1": sel.val_top1, "top5": sel.val_top5,
+                              "holdout_top1": sel.holdout_top1, "selected": asdict(sel)},
+                      rows=[asdict(h) for h in heads]),
+        clock.provenance())
+    return LinearResult(sel, heads, cfg.mode, cfg.select_on, len(data.train_rows), n_hold,
+                        len(data.val), result_record)

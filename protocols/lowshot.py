@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from moca_eval.errors import ConfigError, DatasetError
-from moca_eval.pipeline import FeatureJob
+from moca_eval.families import announce, recipe_name
+from moca_eval.pipeline import FeatureJob, dataset_info
 from moca_eval.protocols.lowshot_logreg import (
     DEFAULT_DTYPE,
     DEFAULT_SOLVER,
@@ -39,6 +39,7 @@ from moca_eval.protocols.lowshot_logreg import (
     top1_accuracy,
 )
 from moca_eval.protocols.splits import Setting, SplitFile
+from moca_eval.record import Clock, Record, checkpoint_block, metrics_block, split_summary
 from moca_eval.registry import Registry
 
 __all__ = ["LOWSHOT_RECIPES", "LOWSHOT_RECIPES_VERSION", "LowshotConfig", "LowshotRecipe",
@@ -47,7 +48,7 @@ __all__ = ["LOWSHOT_RECIPES", "LOWSHOT_RECIPES_VERSION", "LowshotConfig", "Lowsh
 
 log = logging.getLogger(__name__)
 
-LOWSHOT_RECIPES_VERSION = 1
+LOWSHOT_RECIPES_VERSION = 2  # 2: recipes for dino, mae, dinov2, mocov3, timm
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class LowshotRecipe:
 
 
 LOWSHOT_RECIPES: Registry[LowshotRecipe] = Registry("low-shot recipe")
+_MSN_PROTOCOL = ("lambda 2.5e-4 (lambda_1 = lambd/N), rows centred then L2-normalised, bilinear resize: "
+                 "MSN's logistic_eval.py protocol, which MSN and MOCA used to compare other methods")
 for _r in (
     LowshotRecipe("moca", "avg-prenorm", (0.1,), True, True, "bilinear",
                   "MOCA paper and release: teacher, mean of last-block patch tokens without the "
@@ -79,6 +82,10 @@ for _r in (
     LowshotRecipe("ibot", "cls", (0.01, 0.1, 1.0), False, False, "bicubic",
                   "iBOT eval_logistic_regression.py: final-LN CLS, L2-normalised only, "
                   "lambda_1 in {0.01, 0.1, 1} NOT divided by N"),
+    *(LowshotRecipe(name, "cls", (2.5e-4,), True, True, "bilinear",
+                    f"{who} published no low-shot logistic regression: final-LN CLS with {_MSN_PROTOCOL}")
+      for name, who in (("dino", "DINO"), ("mae", "MAE"), ("dinov2", "DINOv2"), ("mocov3", "MoCo-v3"),
+                        ("timm", "generic fallback (timm/unknown):"))),
 ):
     LOWSHOT_RECIPES.register(_r.name, _r)
 
@@ -92,7 +99,7 @@ class LowshotConfig:
     """
 
     job: FeatureJob
-    recipe: str = "moca"
+    recipe: str | None = None  # None: the checkpoint family's
     shots: tuple[int, ...] = (1, 2, 5)
     percents: tuple[float, ...] = ()
     n_splits: int = 3
@@ -121,6 +128,8 @@ class LowshotConfig:
             raise ConfigError("shots must be >= 1 and percents in (0, 100]")
         if self.n_splits < 1:
             raise ConfigError(f"--splits must be >= 1, got {self.n_splits}")
+        if self.recipe is not None:
+            LOWSHOT_RECIPES.canonical(self.recipe)
         if self.solver not in SOLVERS:
             raise ConfigError(f"unknown solver {self.solver!r} (known: {', '.join(SOLVERS)})")
         if self.lambdas is not None and (not self.lambdas or min(self.lambdas) <= 0):
@@ -159,13 +168,10 @@ class LowshotResult:
     summary: list[dict]
     feature: str
     recipe: LowshotRecipe
-    meta: dict = field(default_factory=dict)
+    record: Record
 
     def to_dict(self) -> dict:
-        recipe = {**asdict(self.recipe), "version": LOWSHOT_RECIPES_VERSION}
-        return {"protocol": "lowshot", "feature": self.feature, "recipe": recipe,
-                "results": [r.as_json() for r in self.runs], "summary": self.summary,
-                **self.meta}
+        return self.record.to_dict()
 
 
 def select_lambda(x: np.ndarray, y: np.ndarray, lambdas: Sequence[float], *, folds: int,
@@ -251,16 +257,20 @@ def summarise(runs: Sequence[RunScore], *, selected: bool = False) -> list[dict]
 
 
 def run(cfg: LowshotConfig, *, backbone=None) -> LowshotResult:
-    """Load the checkpoint and splits, extract features once, fit every split, summarise."""
+    """Check the data and splits, load the checkpoint, extract features once, fit every split."""
     from moca_eval.protocols import lowshot_data
 
     cfg.check()
-    started = time.time()
-    recipe = LOWSHOT_RECIPES.get(cfg.recipe)
+    clock = Clock()
+    indexed = lowshot_data.index(cfg)
+    backbone = backbone or cfg.job.backbone.load()
+    name, why = recipe_name("lowshot", backbone.family, cfg.recipe)
+    recipe = LOWSHOT_RECIPES.get(name)
+    announce("lowshot", backbone.family_choice, recipe.name, why)
     lambdas = tuple(cfg.lambdas or recipe.lambdas)
     if cfg.select_lambda and len(lambdas) == 1:
         log.warning("--select-lambda with a single lambda (%g): nothing to select", lambdas[0])
-    prepared = lowshot_data.prepare(cfg, recipe, backbone=backbone)
+    prepared = lowshot_data.prepare(cfg, recipe, backbone, indexed)
     runs = evaluate_splits(
         prepared.train_x, prepared.train_y, prepared.train_keys, prepared.val_x, prepared.val_y,
         prepared.files, lambdas=lambdas, per_sample=recipe.per_sample, center=recipe.center,
@@ -268,5 +278,28 @@ def run(cfg: LowshotConfig, *, backbone=None) -> LowshotResult:
         seed=cfg.seed, solver=cfg.solver, dtype=cfg.dtype, tol=cfg.tol, max_iter=cfg.max_iter,
         n_threads=cfg.n_threads)
     selected = cfg.select_lambda and len(lambdas) > 1
-    meta = lowshot_data.metadata(cfg, prepared, lambdas=lambdas, started=started)
-    return LowshotResult(runs, summarise(runs, selected=selected), prepared.feature, recipe, meta)
+    summary = summarise(runs, selected=selected)
+    record = Record(
+        "lowshot", checkpoint_block(backbone),
+        dataset_info(cfg.job, (indexed.train_index, indexed.val_index), skipped=prepared.skipped),
+        lowshot_data.config_block(cfg, prepared, recipe, lambdas=lambdas, why=why),
+        lowshot_metrics(runs, summary), clock.provenance())
+    return LowshotResult(runs, summary, prepared.feature, recipe, record)
+
+
+def lowshot_metrics(runs: Sequence[RunScore], summary: Sequence[dict]) -> dict:
+    """The record's ``metrics``: one ``splits`` entry per (setting, lambda), headline = the first."""
+    several = len({str(s["lambd"]) for s in summary}) > 1
+    splits = []
+    for s in summary:
+        setting = Setting(shots=s.get("shots"), percent=s.get("percent"))
+        label = setting.name + (f" lambda {s['lambd']:g}" if several else "")
+        values = [r.top1 for r in sorted(runs, key=lambda r: r.split) if r.setting == setting
+                  and (s["lambd"] == "selected" or r.lambd == s["lambd"])]
+        splits.append(split_summary(label, values, shots=setting.shots, percent=setting.percent,
+                                    lambd=s["lambd"], n_train=s["n_train"]))
+    head = splits[0] if splits else None
+    return metrics_block(f"top1 {head['setting']} (mean over splits)" if head else "top1",
+                         head["mean"] if head else None, headline_std=head["std"] if head else None,
+                         values={s["setting"]: s["mean"] for s in splits},
+                         rows=[r.as_json() for r in runs], splits=splits)

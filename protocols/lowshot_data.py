@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from moca_eval.data import eval_transform
+from moca_eval.data import ImageFolderIndex, eval_transform
 from moca_eval.features import check_feature_name, extract_features
 from moca_eval.protocols.lowshot_logreg import (
     DEFAULT_MAX_ITER,
@@ -19,7 +18,6 @@ from moca_eval.protocols.lowshot_logreg import (
 )
 from moca_eval.protocols.splits import DatasetKeys, SplitFile, make_split_files
 from moca_eval.protocols.splits_dir import load_split_dir
-from moca_eval.results import backbone_info, provenance
 
 log = logging.getLogger(__name__)
 
@@ -52,44 +50,64 @@ def load_files(cfg, data: DatasetKeys) -> tuple[list[SplitFile], list[str]]:
     return files, []
 
 
-def prepare(cfg, recipe, *, backbone=None) -> Prepared:
-    """Index the data, check the splits (before any forward pass), extract features once."""
+@dataclass
+class Indexed:
+    """The dataset and split files, checked before any checkpoint is loaded."""
+
+    train_index: ImageFolderIndex
+    val_index: ImageFolderIndex
+    data: DatasetKeys
+    files: list[SplitFile]
+    warnings: list[str]
+
+
+def index(cfg) -> Indexed:
+    """Index the data and read or generate the split files (cheap checks, no forward pass)."""
     train_index, val_index = cfg.job.data.splits()
     data = DatasetKeys.from_index(train_index)
     files, warnings = load_files(cfg, data)
+    return Indexed(train_index, val_index, data, files, warnings)
+
+
+def prepare(cfg, recipe, backbone, indexed: Indexed) -> Prepared:
+    """Extract the features the splits need, once (train: split images only, or all)."""
     feature = check_feature_name(cfg.feature or recipe.feature)
-    backbone = backbone or cfg.job.backbone.load()
     if backbone.student:
         log.warning("evaluating the student weights; the %s recipe uses the teacher", recipe.name)
     transform = eval_transform(backbone.arch.img_size, resize=cfg.job.data.resize,
-                               interpolation=cfg.job.data.interpolation)
+                               interpolation=interpolation(cfg, recipe))
+    train_index = indexed.train_index
     if cfg.train_features == "splits":
-        wanted = {k for sf in files for k in sf.keys}
-        rows = [i for i, k in enumerate(data.keys) if k in wanted]
-        train_index = train_index.subset(rows)
-    train = extract_features(backbone, train_index, [feature], cfg.job.extract,
-                             transform=transform)
-    val = extract_features(backbone, val_index, [feature], cfg.job.extract, transform=transform)
+        wanted = {k for sf in indexed.files for k in sf.keys}
+        train_index = train_index.subset([i for i, k in enumerate(indexed.data.keys) if k in wanted])
+    train = extract_features(backbone, train_index, [feature], cfg.job.extract, transform=transform)
+    val = extract_features(backbone, indexed.val_index, [feature], cfg.job.extract, transform=transform)
     return Prepared(
         feature=feature, train_x=train.features[feature], train_y=train.labels,
         train_keys=[Path(p).as_posix() for p in train.paths], val_x=val.features[feature],
-        val_y=val.labels, files=files, data=data, backbone=backbone, n_val=len(val),
-        warnings=warnings, skipped=train.skipped + val.skipped)
+        val_y=val.labels, files=indexed.files, data=indexed.data, backbone=backbone, n_val=len(val),
+        warnings=indexed.warnings, skipped=train.skipped + val.skipped)
 
 
-def metadata(cfg, prep: Prepared, *, lambdas: tuple[float, ...], started: float) -> dict:
-    """Provenance and every choice that affects the numbers (JSON-ready)."""
+def interpolation(cfg, recipe) -> str:
+    """The eval resize interpolation: the data config's if set, else the recipe's."""
+    return cfg.job.data.interpolation or recipe.interpolation
+
+
+def config_block(cfg, prep: Prepared, recipe, *, lambdas: tuple[float, ...], why: str) -> dict:
+    """Every choice that affects the numbers (the record's ``config``)."""
     sk = cfg.solver == "sklearn"
     tol = SKLEARN_TOL if sk else DEFAULT_TOL
     max_iter = SKLEARN_MAX_ITER if sk else DEFAULT_MAX_ITER
     files = {sf.relpath: {**sf.setting.as_json(), "split": sf.split, "images": len(sf.keys),
                           "sha256": sf.sha256, **({"short": sf.short} if sf.short else {})}
              for sf in prep.files}
+    from moca_eval.protocols.lowshot import LOWSHOT_RECIPES_VERSION
+    from moca_eval.record import recipe_block
+
     return {
-        "checkpoint": backbone_info(prep.backbone),
-        "dataset": {"root": str(cfg.job.data.root), "n_classes": len(prep.data.classes),
-                    "n_train_images": len(prep.data.keys), "n_val": prep.n_val,
-                    "skipped_images": prep.skipped},
+        "recipe": recipe_block(recipe.name, recipe, why=why, version=LOWSHOT_RECIPES_VERSION),
+        "feature": prep.feature,
         "splits": {"source": "dir" if cfg.split_dir else "generated",
                    "dir": str(cfg.split_dir) if cfg.split_dir else None,
                    "seed": None if cfg.split_dir else cfg.seed, "n_splits": cfg.n_splits,
@@ -101,11 +119,7 @@ def metadata(cfg, prep: Prepared, *, lambdas: tuple[float, ...], started: float)
                        "solver": cfg.solver, "dtype": cfg.dtype, "tol": cfg.tol or tol,
                        "max_iter": cfg.max_iter or max_iter, "lambdas": list(lambdas),
                        "select_lambda": cfg.select_lambda, "cv_folds": cfg.cv_folds},
-        "config": {"shots": list(cfg.shots), "percents": list(cfg.percents),
-                   "precision": cfg.job.extract.resolved_precision(),
-                   "img_size": prep.backbone.arch.img_size,
-                   "interpolation": cfg.job.data.interpolation,
-                   "train_features": cfg.train_features},
-        "wall_time_s": round(time.time() - started, 3),
-        "provenance": provenance(),
+        "shots": list(cfg.shots), "percents": list(cfg.percents),
+        "precision": cfg.job.extract.resolved_precision(), "img_size": prep.backbone.arch.img_size,
+        "interpolation": interpolation(cfg, recipe), "train_features": cfg.train_features,
     }

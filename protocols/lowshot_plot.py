@@ -6,21 +6,32 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from moca_eval.errors import DatasetError
+from moca_eval.errors import ConfigError, DatasetError
 from moca_eval.results import atomic_path
+
+FIGURE_FORMATS = ("png", "pdf", "svg")
 
 
 def load_lowshot_json(path: str | Path) -> dict:
-    """A ``moca-eval lowshot`` result file; anything else is a DatasetError."""
+    """A ``moca-eval lowshot`` result record; anything else is a DatasetError."""
     path = Path(path)
     try:
         result = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise DatasetError(f"{path}: cannot read result JSON ({e})") from e
-    if not isinstance(result, dict) or result.get("protocol") != "lowshot" \
-            or not result.get("summary"):
-        raise DatasetError(f"{path}: not a low-shot result file (no protocol 'lowshot' summary)")
+    protocol = result.get("protocol") if isinstance(result, dict) else None
+    if protocol != "lowshot" or not isinstance(result.get("metrics"), dict) \
+            or not result["metrics"].get("splits"):
+        raise DatasetError(f"{path}: not a low-shot result record (protocol {protocol!r})")
     return result
+
+
+def figure_format(out: str | Path) -> str:
+    """The file format an output path's extension asks for (png, pdf or svg); else ConfigError."""
+    suffix = Path(out).suffix.lower().lstrip(".")
+    if suffix not in FIGURE_FORMATS:
+        raise ConfigError(f"{out}: a figure file must end in .{', .'.join(FIGURE_FORMATS)}")
+    return suffix
 
 
 def curves(result: dict) -> dict[str, tuple[list[tuple], list[tuple]]]:
@@ -28,7 +39,7 @@ def curves(result: dict) -> dict[str, tuple[list[tuple], list[tuple]]]:
     name); a percent setting's x is its mean number of training images per class."""
     n_classes = max(1, int(result.get("dataset", {}).get("n_classes", 1)))
     out: dict[str, tuple[list[tuple], list[tuple]]] = {}
-    for row in result["summary"]:
+    for row in result["metrics"]["splits"]:
         shots, pct = out.setdefault(str(row.get("lambd", "")), ([], []))
         if row.get("shots") is not None:
             shots.append((float(row["shots"]), row["mean"], row["std"], f"{row['shots']}-shot"))
@@ -45,8 +56,9 @@ def default_label(result: dict, path: str | Path) -> str:
 
 def plot_lowshot(results: Sequence[dict], labels: Sequence[str], out: str | Path, *,
                  title: str = "Low-shot logistic regression") -> Path:
-    """Write a PNG: one curve (+-std band) per result and lambda over the shot settings,
-    percent settings as separate starred points; log x axis."""
+    """Write a figure (PNG, PDF or SVG by extension): one curve (+-std band) per result and lambda
+    over the shot settings, percent settings as separate starred points; log x axis."""
+    fmt = figure_format(out)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -84,5 +96,5 @@ def plot_lowshot(results: Sequence[dict], labels: Sequence[str], out: str | Path
     fig.tight_layout()
     out = Path(out)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format=fmt)
     return out

@@ -22,13 +22,11 @@ from moca_eval.mm_utils import build_dense_vit, patch_token_map
 class MocaEvalViT(BaseModule):
     """Any checkpoint moca-eval reads, as an mmseg backbone (see the module docstring)."""
 
-    def __init__(self, checkpoint: str, img_size: int, *, frozen: bool = False, drop_path_rate: float = 0.0,
-                 arch: str | None = None, checkpoint_key: str | None = None, fmt: str | None = None,
-                 student: bool = False, num_heads: int | None = None, init_cfg: dict | None = None) -> None:
+    def __init__(self, checkpoint: str | dict, img_size: int, *, frozen: bool = False,
+                 drop_path_rate: float = 0.0, init_cfg: dict | None = None) -> None:
+        """``checkpoint``: a path or a ``BackboneConfig.to_dict()`` (which weights, how to read them)."""
         super().__init__(init_cfg)
-        self.vit = build_dense_vit(checkpoint, img_size=img_size, drop_path_rate=drop_path_rate,
-                                   arch=arch, checkpoint_key=checkpoint_key, fmt=fmt, student=student,
-                                   num_heads=num_heads)
+        self.vit = build_dense_vit(checkpoint, img_size=img_size, drop_path_rate=drop_path_rate)
         self.frozen = frozen
         if frozen:
             self.vit.requires_grad_(False)

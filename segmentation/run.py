@@ -13,14 +13,26 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from moca_eval.errors import ConfigError
-from moca_eval.results import backbone_info, provenance, write_json_atomic
+from moca_eval.families import SHARED_RECIPES, announce, recipe_name
+from moca_eval.mm_utils import as_backbone_config
+from moca_eval.pipeline import BackboneConfig
+from moca_eval.record import (
+    Clock,
+    Record,
+    checkpoint_block,
+    dataset_block,
+    metrics_block,
+    recipe_block,
+    split_summary,
+)
+from moca_eval.runtime import fingerprint, make_plan, read_finished, write_finished
 from moca_eval.segmentation import cityscapes as cs
 
 log = logging.getLogger(__name__)
@@ -36,7 +48,7 @@ DEFAULT_EPOCHS = 216
 class SegConfig:
     """One ``moca-eval seg`` run (defaults: PROTOCOLS.md's Segmenter Cityscapes recipe)."""
 
-    ckpt: Path
+    backbone: BackboneConfig  # which weights (a checkpoint path is accepted too)
     data: Path
     mode: Mode = "linear"
     train_size: str = "100"  # "100", "372" or "full"
@@ -56,11 +68,9 @@ class SegConfig:
     save_every: int = 2000  # iterations between mmengine checkpoints
     save_predictions: bool = False  # val predictions as PNG (trainIds) per split
     seed: int = 0  # training randomness (the split seeds choose the images)
-    arch: str | None = None
-    checkpoint_key: str | None = None
-    fmt: str | None = None
-    student: bool = False
-    num_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backbone", as_backbone_config(self.backbone))
 
     def validate(self) -> SegConfig:
         if self.mode not in ("linear", "finetune"):
@@ -110,13 +120,10 @@ class SegResult:
     miou_mean: float
     miou_std: float
     per_class_mean: dict[str, float]
-    meta: dict = field(default_factory=dict)
+    record: Record
 
     def to_dict(self) -> dict:
-        return {"protocol": "segmentation", "dataset": "cityscapes", "mode": self.mode,
-                "train_size": self.train_size, "miou_mean": self.miou_mean, "miou_std": self.miou_std,
-                "per_class_mean": self.per_class_mean, "splits": [asdict(s) for s in self.splits],
-                **self.meta}
+        return self.record.to_dict()
 
 
 def names_sha256(names: list[str]) -> str:
@@ -146,7 +153,7 @@ def mm_config(cfg: SegConfig, *, embed_dim: int, num_heads: int, split_file: Pat
     """The mmengine ``Config`` of one split: the mode's config file with this run's values."""
     from mmengine.config import Config
 
-    from moca_eval.mm_utils import backbone_options, set_device_options
+    from moca_eval.mm_utils import set_device_options
 
     c = Config.fromfile(str(CONFIG_DIR / f"segmenter_{cfg.mode}.py"))
     crop = (cfg.crop_size, cfg.crop_size)
@@ -158,7 +165,7 @@ def mm_config(cfg: SegConfig, *, embed_dim: int, num_heads: int, split_file: Pat
     c.data_preprocessor.size = crop
     m = c.model
     m.data_preprocessor.size = crop
-    m.backbone.update(checkpoint=str(cfg.ckpt), img_size=cfg.crop_size, **backbone_options(cfg))
+    m.backbone.update(checkpoint=cfg.backbone.to_dict(), img_size=cfg.crop_size)
     m.decode_head.update(in_channels=embed_dim, channels=embed_dim)
     if cfg.mode == "finetune":
         m.decode_head.update(embed_dims=embed_dim, num_heads=num_heads)
@@ -176,7 +183,7 @@ def mm_config(cfg: SegConfig, *, embed_dim: int, num_heads: int, split_file: Pat
         loader.num_workers = cfg.num_workers
         loader.persistent_workers = cfg.num_workers > 0
     c.train_dataloader.dataset.ann_file = str(split_file)
-    c.train_dataloader.batch_size = max(1, cfg.batch_size // world_size)
+    c.train_dataloader.batch_size = make_plan(cfg.batch_size, None, world_size).local_batch
     if cfg.save_predictions:
         c.val_evaluator.output_dir = str(work_dir / "predictions")
     c.optim_wrapper.optimizer.lr = cfg.lr
@@ -207,28 +214,29 @@ def train_and_evaluate(c) -> dict[str, float]:
 
 def run(cfg: SegConfig) -> SegResult:
     """Train and evaluate every split of ``cfg``; see the module docstring."""
-    from mmengine.dist import get_world_size, is_main_process
+    from mmengine.dist import get_world_size
 
-    from moca_eval.checkpoints import load_backbone
-    from moca_eval.mm_utils import backbone_options, join_cpu_process_group
+    from moca_eval.mm_utils import join_cpu_process_group
 
     cfg = cfg.validate()
+    clock = Clock()
     splits = training_splits(cfg)
-    backbone = load_backbone(cfg.ckpt, img_size=cfg.crop_size, **backbone_options(cfg))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    make_plan(cfg.batch_size, None, world_size)  # the global batch must split evenly, before loading
+    backbone = cfg.backbone.load(img_size=cfg.crop_size)
+    announce("seg", backbone.family_choice, *recipe_name("seg", backbone.family))
     join_cpu_process_group()
-    started = time.time()
     scores = []
     for tag, seed, names in splits:
         work_dir = cfg.work_dir / f"{cfg.mode}-{tag}"
         done = work_dir / "result.json"
         iters = cfg.iterations(len(names))
         digest = names_sha256(names)
-        key = fingerprint(cfg, names_digest=digest, iters=iters, ckpt_sha=backbone.sha256)
-        previous = _finished(done, key)
+        key = split_fingerprint(cfg, names_digest=digest, iters=iters, ckpt_sha=backbone.sha256)
+        previous = read_finished(done, key)
         if previous is not None:
             log.info("%s: already evaluated, reusing %s", tag, done)
-            scores.append(previous)
+            scores.append(SplitScore(**previous))
             continue
         work_dir.mkdir(parents=True, exist_ok=True)
         split_file = work_dir / "train_split.txt"
@@ -240,16 +248,38 @@ def run(cfg: SegConfig) -> SegResult:
         score = SplitScore(tag, seed, len(names), digest, iters, float(metrics["mIoU"]),
                            float(metrics["aAcc"]), float(metrics["mAcc"]),
                            {name: metrics[f"IoU.{name}"] for name in cs.CLASSES}, str(work_dir))
-        if is_main_process():
-            write_json_atomic(done, {"score": asdict(score), "fingerprint": key})
+        write_finished(done, asdict(score), key)
         scores.append(score)
     mious = np.array([s.miou for s in scores])
     per_class = {name: _nanmean([s.per_class_iou[name] for s in scores]) for name in cs.CLASSES}
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
-    meta = {"checkpoint": backbone_info(backbone), "config": config,
-            "provenance": provenance(wall_time_s=round(time.time() - started, 1))}
-    return SegResult(cfg.mode, cfg.train_size if cfg.names_file is None else "custom", scores,
-                     float(mious.mean()), float(mious.std()), per_class, meta)
+    train_size = cfg.train_size if cfg.names_file is None else "custom"
+    record = Record("seg", checkpoint_block(backbone), _dataset(cfg), _config(cfg, train_size, world_size),
+                    metrics_block("mIoU (mean over splits)", float(mious.mean()),
+                                  headline_std=float(mious.std()),
+                                  values={"miou_mean": float(mious.mean()), "miou_std": float(mious.std()),
+                                          "per_class_iou_mean": per_class},
+                                  rows=[asdict(s) for s in scores],
+                                  splits=[split_summary(f"{cfg.mode} {train_size}",
+                                                        [s.miou for s in scores])]),
+                    clock.provenance())
+    return SegResult(cfg.mode, train_size, scores, float(mious.mean()), float(mious.std()), per_class, record)
+
+
+def _dataset(cfg: SegConfig) -> dict:
+    return dataset_block(cfg.data, splits={"train": len(cs.train_names(cfg.data)),
+                                           "val": len(cs.list_pairs(cfg.data, "val"))},
+                         n_classes=len(cs.CLASSES), name="cityscapes")
+
+
+def _config(cfg: SegConfig, train_size: str, world_size: int) -> dict:
+    settings = {k: v for k, v in asdict(cfg).items() if k != "backbone"}
+    settings.update(train_size=train_size, world_size=world_size, epochs=cfg.resolved_epochs())
+    return {"recipe": recipe_block(SHARED_RECIPES["seg"], {k: settings[k] for k in RECIPE_FIELDS},
+                                   why="seg uses one recipe for every family"), **settings}
+
+
+# The Segmenter recipe's values (PROTOCOLS.md); the other fields say what to run and where.
+RECIPE_FIELDS = ("lr", "batch_size", "crop_size", "stride", "resize_scale", "epochs", "layer_decay")
 
 
 # Settings that do not change what a split's training computes.
@@ -257,24 +287,11 @@ RUNTIME_FIELDS = ("work_dir", "resume", "num_workers", "save_every", "save_predi
                   "names_file")
 
 
-def fingerprint(cfg: SegConfig, *, names_digest: str, iters: int, ckpt_sha: str) -> str:
+def split_fingerprint(cfg: SegConfig, *, names_digest: str, iters: int, ckpt_sha: str) -> str:
     """What a split's result depends on: the training images, the checkpoint, every setting."""
-    import json
-
-    settings = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS and k != "ckpt"}
-    blob = json.dumps([settings, names_digest, iters, ckpt_sha], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _finished(path: Path, key: str) -> SplitScore | None:
-    """The stored score of a split whose ``fingerprint`` is ``key`` (else, or unreadable: None)."""
-    import json
-
-    try:
-        stored = json.loads(path.read_text())
-        return SplitScore(**stored["score"]) if stored.get("fingerprint") == key else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}
+    settings["backbone"] = cfg.backbone.options()  # the path may move; the sha256 identifies it
+    return fingerprint(settings, names_digest, iters, ckpt_sha)
 
 
 def _nanmean(values: list[float]) -> float:

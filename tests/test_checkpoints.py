@@ -82,7 +82,7 @@ def test_fixture_prenorm_variants_match_reference() -> None:
 def test_fixture_architecture_is_inferred_from_weights() -> None:
     moca = load_backbone(FIXTURES / "MOCA" / "checkpoint-last.pth")
     assert (moca.arch.embed_dim, moca.arch.depth, moca.arch.num_heads, moca.arch.patch_size) == (96, 4, 3, 16)
-    assert moca.pos_embed == "sincos" and moca.recipe == "moca"
+    assert moca.pos_embed == "sincos" and moca.family == "moca"
     dinov2 = load_backbone(FIXTURES / "dinov2" / "dinov2_vittiny14_reg4_pretrain.pth")
     assert (dinov2.arch.patch_size, dinov2.arch.reg_tokens, dinov2.arch.init_values) == (14, 4, 1.0)
     assert dinov2.pos_embed == "learned"

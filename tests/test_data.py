@@ -184,7 +184,7 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_backbone() -> LoadedBackbone:
     torch.manual_seed(0)
-    return LoadedBackbone(model=build_vit(ARCH).eval(), format="test", recipe="moca", arch=ARCH,
+    return LoadedBackbone(model=build_vit(ARCH).eval(), format="test", family="moca", arch=ARCH,
                           sha256="0" * 64, path=Path("tiny.pth"), dropped=(), pos_embed="learned")
 
 

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from moca_eval.checkpoints import LoadedBackbone
+from moca_eval.families import choose_family
 from moca_eval.models import ArchSpec, build_vit
+from moca_eval.record import checkpoint_block
 from moca_eval.results import (
     atomic_path,
-    backbone_info,
     format_table,
     git_commit,
     provenance,
@@ -96,18 +97,21 @@ def test_git_commit_is_none_when_git_is_unavailable(monkeypatch: pytest.MonkeyPa
     assert git_commit() is None
 
 
-def test_backbone_info_describes_the_loaded_checkpoint() -> None:
+def test_checkpoint_block_describes_the_loaded_checkpoint() -> None:
     arch = ArchSpec(embed_dim=32, depth=1, num_heads=2, patch_size=8, img_size=32)
     torch.manual_seed(0)
-    backbone = LoadedBackbone(model=build_vit(arch), format="moca-full", recipe="moca", arch=arch,
+    choice = choose_family("model-wrapped", ("moca", "mae", "timm"))
+    backbone = LoadedBackbone(model=build_vit(arch), format="model-wrapped", family="moca", arch=arch,
                               sha256="ab" * 32, path=Path("/ck/x.pth"), dropped=("decoder.a", "decoder.b"),
-                              pos_embed="sincos", student=True)
-    info = backbone_info(backbone)
+                              pos_embed="sincos", student=True, family_choice=choice)
+    info = checkpoint_block(backbone)
     assert info == {
-        "path": "/ck/x.pth", "sha256": "ab" * 32, "format": "moca-full", "recipe": "moca", "student": True,
+        "path": "/ck/x.pth", "sha256": "ab" * 32, "layout": "model-wrapped", "family": "moca",
+        "family_source": "assumed", "family_reason": choice.reason, "student": True,
         "checkpoint_key": None, "arch": "vit(d=32,L=1,h=2)/8@32",
         "arch_spec": {"embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 8, "img_size": 32,
                       "mlp_ratio": 4.0, "qkv_bias": True, "init_values": None, "reg_tokens": 0,
                       "no_embed_class": False, "in_chans": 3},
         "pos_embed": "sincos", "dropped_keys": 2,
     }
+    assert "assumed moca" in choice.reason and "--family mae" in choice.reason

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import fields
 from pathlib import Path
 
 from moca_eval import distributed
+from moca_eval.errors import ConfigError
 from moca_eval.features import ExtractConfig
 from moca_eval.pipeline import BackboneConfig, DataConfig, FeatureJob
 from moca_eval.results import format_table, write_json_atomic
+
+
+def default_run_dir(protocol: str, ckpt: Path) -> Path:
+    """``runs/<protocol>/<checkpoint name>-<sha256[:8]>``: two checkpoints never share a run
+    directory, even with the same file name (``runA/teacher.pth``, ``runB/teacher.pth``)."""
+    from moca_eval.checkpoint_io import sha256_file
+
+    if not Path(ckpt).is_file():
+        raise ConfigError(f"{ckpt}: no such checkpoint file")
+    return Path("runs") / protocol / f"{Path(ckpt).stem}-{sha256_file(Path(ckpt))[:8]}"
 
 
 def default_cache_dir() -> Path:
@@ -30,6 +42,9 @@ def add_backbone_args(p: argparse.ArgumentParser, *, ckpt_required: bool = True,
     g.add_argument("--format", dest="fmt", help="force a checkpoint layout (see `moca-eval inspect`)")
     g.add_argument("--student", action="store_true",
                    help="evaluate the student/online weights of a training checkpoint")
+    g.add_argument("--family", help="who trained the checkpoint (moca, dino, ibot, mae, msn, mocov3, "
+                   "dinov2, timm): decides every default; needed only for layouts several families "
+                   "share (see `moca-eval recipes`)")
     if img_size:
         g.add_argument("--img-size", type=int, default=224, help="evaluation resolution (default 224)")
 
@@ -61,10 +76,10 @@ def add_output_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", type=Path, help="write the results JSON here (atomically)")
 
 
-def backbone_config(args: argparse.Namespace) -> BackboneConfig:
-    return BackboneConfig(ckpt=args.ckpt, arch=args.arch, checkpoint_key=args.checkpoint_key,
-                          fmt=args.fmt, student=args.student, img_size=args.img_size,
-                          num_heads=args.num_heads)
+def backbone_config(args: argparse.Namespace, **overrides: object) -> BackboneConfig:
+    """The ``BackboneConfig`` of the checkpoint flags (every field has a flag of the same name)."""
+    values = {f.name: getattr(args, f.name) for f in fields(BackboneConfig) if hasattr(args, f.name)}
+    return BackboneConfig(**{**values, **overrides})
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:

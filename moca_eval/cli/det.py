@@ -30,8 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--epochs", type=int, default=12, help="12 = 1x (lr /10 after 2/3 and 11/12 of them)")
     g.add_argument("--lr", type=float, default=2e-4, help="AdamW lr for batch 16 (paper 2e-4; iBOT 1e-4)")
     g.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay (iBOT ViT-B: 0.75)")
-    g.add_argument("--batch-size", type=int, default=16,
-                   help="global batch; 2 images per GPU, the rest by gradient accumulation (default 16)")
+    g.add_argument("--global-batch", type=int, default=16,
+                   help="global batch, reached by gradient accumulation when --batch-size x processes "
+                   "is smaller (default 16)")
+    g.add_argument("--batch-size", type=int, default=2, help="images per process and step (default 2)")
     g.add_argument("--drop-path", type=float, default=0.2, dest="drop_path_rate")
     g.add_argument("--no-random-crop", action="store_true", help="multi-scale training without the "
                    "DETR-style random-crop branch")
@@ -41,14 +43,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "crop branch's 400-600 and 384-600 scale with it")
     g.add_argument("--max-size", type=int, default=1333, help="longest side, training and test (1333)")
     g.add_argument("--warmup-iters", type=int, default=500, help="linear warm-up, optimizer steps (500)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="training randomness (default 0)")
     r = p.add_argument_group("runtime")
-    r.add_argument("--work-dir", type=Path, help="default: runs/det/<checkpoint name>")
+    r.add_argument("--output-dir", "--work-dir", dest="work_dir", type=Path,
+                   help="run directory (default: runs/det/<checkpoint name>-<sha256[:8]>)")
     r.add_argument("--resume", action="store_true", help="resume from the last epoch checkpoint in WORK_DIR")
     r.add_argument("--eval-only", action="store_true", help="only evaluate the detector in --weights")
     r.add_argument("--weights", type=Path, help="with --eval-only: a checkpoint written by `moca-eval det`")
     r.add_argument("--with-cp", action="store_true", help="activation checkpointing (less GPU memory)")
-    r.add_argument("--num-workers", type=int, default=4)
+    r.add_argument("--num-workers", type=int, default=4, help="data-loading processes (default 4)")
     r.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", help="override any value of the mmdet "
                    "config by dotted key, e.g. model.test_cfg.rcnn.score_thr=0.3 (Python literals)")
     r.add_argument("--output", type=Path, help="results JSON (default: WORK_DIR/results.json)")
@@ -58,16 +61,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     with dense_stack("detection"):
         from moca_eval.detection.run import DetConfig, run
-    work_dir = args.work_dir or Path("runs/det") / args.ckpt.stem
+    work_dir = args.work_dir or common.default_run_dir("det", args.ckpt)
     cfg = DetConfig(
-        ckpt=args.ckpt, data=args.data, epochs=args.epochs, lr=args.lr, layer_decay=args.layer_decay,
-        batch_size=args.batch_size, drop_path_rate=args.drop_path_rate, random_crop=not args.no_random_crop,
+        backbone=common.backbone_config(args), data=args.data, epochs=args.epochs, lr=args.lr,
+        layer_decay=args.layer_decay, batch_size=args.global_batch, per_gpu_batch=args.batch_size,
+        drop_path_rate=args.drop_path_rate, random_crop=not args.no_random_crop,
         train_short_sides=tuple(args.train_sizes or DetConfig.train_short_sides),
         test_short_side=args.test_size, max_long_side=args.max_size, warmup_iters=args.warmup_iters,
         work_dir=work_dir, resume=args.resume, eval_only=args.eval_only, weights=args.weights,
         with_cp=args.with_cp, num_workers=args.num_workers, seed=args.seed,
-        cfg_options=parse_cfg_options(args.cfg_options or []), arch=args.arch,
-        checkpoint_key=args.checkpoint_key, fmt=args.fmt, student=args.student, num_heads=args.num_heads)
+        cfg_options=parse_cfg_options(args.cfg_options or []))
     result = run(cfg)
     payload = result.to_dict()
     rows = [{"task": task, **getattr(result, task)} for task in ("bbox", "segm")]

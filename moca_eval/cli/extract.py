@@ -15,8 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     common.add_backbone_args(p)
     common.add_data_args(p)
     p.add_argument("--split", default="val", help="which split folder to extract (default: val)")
-    p.add_argument("--feature", default="cls", help="feature variant (cls, avg, cls+avg, "
-                   "avg-prenorm, cls-prenorm, cls-lastN)")
+    p.add_argument("--feature", help="feature variant (cls, avg, cls+avg, avg-prenorm, cls-prenorm, "
+                   "cls-lastN; default: the checkpoint family's, avg for MOCA, cls for the others)")
     p.add_argument("--output", type=Path, required=True, help="output .npz")
     common.add_runtime_args(p)
     p.set_defaults(func=run)
@@ -24,12 +24,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moca_eval.data import eval_transform, load_split
+    from moca_eval.families import FAMILIES, announce
     from moca_eval.features import check_feature_name, extract_features
     from moca_eval.results import atomic_path
 
     job = common.feature_job(args)
-    feature = check_feature_name(args.feature)
+    if args.feature is not None:
+        check_feature_name(args.feature)
     backbone = job.backbone.load()
+    feature = check_feature_name(args.feature or FAMILIES.get(backbone.family).feature)
+    announce("extract", backbone.family_choice, f"{backbone.family} (feature {feature})",
+             "--feature" if args.feature else f"family {backbone.family}")
     classes = load_split(args.data, args.train_split).classes if args.split != args.train_split \
         and (args.data / args.train_split).is_dir() else None
     index = load_split(args.data, args.split, classes=classes)

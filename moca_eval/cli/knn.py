@@ -13,10 +13,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "largest k, every (k, T) voted from it.")
     common.add_backbone_args(p)
     common.add_data_args(p)
-    p.add_argument("--k", dest="ks", type=int, nargs="+", default=[10, 20, 100, 200])
-    p.add_argument("--temperature", dest="temperatures", type=float, nargs="+", default=[0.07])
-    p.add_argument("--feature", help="feature variant (default: the checkpoint recipe's: avg for "
-                   "MOCA, cls for DINO/iBOT/DINOv2)")
+    p.add_argument("--k", dest="ks", type=int, nargs="+", default=[10, 20, 100, 200],
+                   help="numbers of neighbours (default: 10 20 100 200; the paper reports 20)")
+    p.add_argument("--temperature", dest="temperatures", type=float, nargs="+", default=[0.07],
+                   help="voting temperatures (default 0.07, DINO; MOCA's README reports 0.04)")
+    p.add_argument("--feature", help="feature variant (default: the checkpoint family's: avg for "
+                   "MOCA, cls for the others)")
     p.add_argument("--faiss-gpu", dest="use_gpu", action=argparse.BooleanOptionalAction,
                    default=None, help="force the FAISS GPU/CPU index (default: GPU when visible)")
     common.add_runtime_args(p)
@@ -32,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
                         use_gpu=args.use_gpu)
     result = knn.run(cfg)
     rows = [{"k": s.k, "T": s.temperature, "top1": s.top1, "top5": s.top5} for s in result.scores]
+    ckpt = result.record.checkpoint
     title = (f"k-NN on {args.data} ({result.n_train} train / {result.n_val} val, feature "
-             f"{result.feature}, {result.meta['checkpoint']['format']})")
+             f"{result.feature}, layout {ckpt['layout']}, family {ckpt['family']})")
     common.emit(rows, ["k", "T", "top1", "top5"], result.to_dict(), args.output, title=title)
     return 0

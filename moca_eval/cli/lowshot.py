@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 from moca_eval.cli import common
@@ -26,13 +25,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "lowshot", help="low-shot logistic regression (1/2/5-shot, 1%%) on frozen features",
         description="Low-shot ImageNet protocol of MOCA/MSN: cyanure multinomial logistic "
         "regression on frozen teacher features of n images per class, mean +- std over splits. "
-        "Recipes: moca (avg-prenorm, lambda 0.1/N; default), msn (cls-prenorm, 2.5e-4/N), ibot "
-        "(cls, L2 only, lambda 0.01/0.1/1 not divided by N).")
+        "The recipe follows the checkpoint's family: moca (avg-prenorm, lambda 0.1/N), msn "
+        "(cls-prenorm, 2.5e-4/N), ibot (cls, L2 only, lambda 0.01/0.1/1 not divided by N), the "
+        "others MSN's protocol on their CLS (`moca-eval recipes lowshot`).")
     common.add_backbone_args(p)
     common.add_data_args(p)
     p.set_defaults(interpolation=None)  # None: the recipe's (bilinear for moca/msn)
     g = p.add_argument_group("low-shot")
-    g.add_argument("--recipe", default="moca", choices=["moca", "msn", "ibot"])
+    g.add_argument("--recipe", help="low-shot recipe (default: the checkpoint family's; see "
+                   "`moca-eval recipes lowshot`)")
     g.add_argument("--shots", type=int, nargs="*", default=[1, 2, 5],
                    help="images per class (default: 1 2 5)")
     g.add_argument("--percent", type=float, nargs="*", default=[],
@@ -47,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lambd", type=float, nargs="+", help="lambda value(s) (default: recipe's)")
     g.add_argument("--select-lambda", action="store_true", help="pick one of several --lambd "
                    "per split by cross-validation on that split's training images (never val)")
-    g.add_argument("--cv-folds", type=int, default=5)
+    g.add_argument("--cv-folds", type=int, default=5, help="folds of --select-lambda (default 5)")
     g.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS,
                    help=f"cyanure solver (default {DEFAULT_SOLVER}); 'sklearn' = scikit-learn "
                    "L-BFGS float64, the fallback when cyanure is unavailable or misbehaves")
@@ -72,10 +73,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace):
     from moca_eval.protocols import lowshot
 
-    recipe = lowshot.LOWSHOT_RECIPES.get(args.recipe)
+    if args.recipe is not None:
+        lowshot.LOWSHOT_RECIPES.canonical(args.recipe)
     job = common.feature_job(args)
-    job = replace(job, data=replace(job.data, interpolation=args.interpolation
-                                    or recipe.interpolation))
     return lowshot.LowshotConfig(
         job=job, recipe=args.recipe, shots=tuple(args.shots), percents=tuple(args.percent),
         n_splits=args.splits, split_dir=args.split_dir, seed=args.seed, feature=args.feature,
@@ -112,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
     n_splits = max((r.split for r in result.runs), default=3)
     columns = [c for c in COLUMNS if not c.startswith("split ")]
     columns[2:2] = [f"split {k}" for k in range(1, n_splits + 1)]
-    title = (f"low-shot logistic regression on {args.data} (recipe {cfg.recipe}, feature "
-             f"{result.feature}, {result.meta['dataset']['n_val']} val images; top-1 %)")
+    n_val = result.record.dataset["splits"][args.val_split]
+    title = (f"low-shot logistic regression on {args.data} (recipe {result.recipe.name}, feature "
+             f"{result.feature}, {n_val} val images; top-1 %)")
     payload = result.to_dict()
     common.emit(rows, columns, payload, args.output, title=title)
     plot = args.plot or (args.output.with_suffix(".png") if args.output else None)

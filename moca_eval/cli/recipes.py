@@ -1,4 +1,4 @@
-"""``moca-eval recipes``: the named evaluation recipes (feature defaults, linear probe, fine-tuning)."""
+"""``moca-eval recipes``: which recipe each family gets per protocol, and every recipe's settings."""
 
 from __future__ import annotations
 
@@ -8,28 +8,44 @@ from dataclasses import asdict, fields
 
 from moca_eval.results import format_table
 
+PROTOCOL_TABLES = ("linear", "lowshot", "finetune")
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("recipes", help="list the named recipes and their settings",
-                       description="Every value shown can be overridden with the command's flags.")
-    p.add_argument("protocol", nargs="?", choices=["features", "linear", "finetune", "lowshot"],
-                   help="show one table only")
+    p = sub.add_parser("recipes", help="the family x protocol table of defaults, and each recipe's settings",
+                       description="A checkpoint's family (from its layout, or --family) picks the recipe "
+                       "of every protocol; every value shown can be overridden with the command's flags.")
+    p.add_argument("protocol", nargs="?", choices=["families", *PROTOCOL_TABLES],
+                   help="show one table only (families: the family x protocol table)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=run)
 
 
-def recipe_tables() -> dict[str, list[dict]]:
-    """Protocol -> one row per recipe (every field)."""
+def registries() -> dict:
     from moca_eval.protocols.finetune import FINETUNE_RECIPES
     from moca_eval.protocols.linear import LINEAR_RECIPES
     from moca_eval.protocols.lowshot import LOWSHOT_RECIPES
-    from moca_eval.recipes import RECIPES
 
-    def rows(registry) -> list[dict]:
-        return [asdict(registry.get(name)) for name in registry.names()]
+    return {"linear": LINEAR_RECIPES, "lowshot": LOWSHOT_RECIPES, "finetune": FINETUNE_RECIPES}
 
-    return {"features": rows(RECIPES), "linear": rows(LINEAR_RECIPES), "finetune": rows(FINETUNE_RECIPES),
-            "lowshot": rows(LOWSHOT_RECIPES)}
+
+def family_table() -> list[dict]:
+    """One row per family: the feature and recipe every protocol uses by default."""
+    from moca_eval.families import FAMILIES, SHARED_RECIPES, recipe_name
+
+    rows = []
+    for name in FAMILIES.names():
+        family = FAMILIES.get(name)
+        row = {"family": name, "knn/extract feature": family.feature}
+        for protocol in (*PROTOCOL_TABLES, *SHARED_RECIPES):
+            row[protocol] = recipe_name(protocol, name)[0]
+        rows.append(row)
+    return rows
+
+
+def recipe_tables() -> dict[str, list[dict]]:
+    """Protocol -> one row per recipe (every field)."""
+    return {name: [asdict(reg.get(r)) for r in reg.names()] for name, reg in registries().items()}
 
 
 def _cell(value: object) -> object:
@@ -41,28 +57,23 @@ def _cell(value: object) -> object:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moca_eval.recipes import RECIPES_VERSION
+    from moca_eval.families import RECIPES_VERSION
 
-    tables = recipe_tables()
+    tables = {"families": family_table(), **recipe_tables()}
     chosen = [args.protocol] if args.protocol else list(tables)
     if args.json:
         print(json.dumps({"recipes_version": RECIPES_VERSION, **{k: tables[k] for k in chosen}}, indent=2))
         return 0
     for name in chosen:
         rows = tables[name]
-        columns = [f.name for f in fields(type_of(name)) if f.name != "description"]
+        if name == "families":
+            print("\nfamily x protocol (a layout several families share assumes the first; --family)")
+            print(format_table(rows, list(rows[0])))
+            continue
+        recipe_type = type(registries()[name].get(rows[0]["name"]))
+        columns = [f.name for f in fields(recipe_type) if f.name != "description"]
         print(f"\n{name} recipes")
         print(format_table([{k: _cell(v) for k, v in r.items()} for r in rows], columns))
         for r in rows:
             print(f"  {r['name']}: {r['description']}")
     return 0
-
-
-def type_of(name: str) -> type:
-    from moca_eval.protocols.finetune import FinetuneRecipe
-    from moca_eval.protocols.linear import LinearRecipe
-    from moca_eval.protocols.lowshot import LowshotRecipe
-    from moca_eval.recipes import Recipe
-
-    return {"features": Recipe, "linear": LinearRecipe, "finetune": FinetuneRecipe,
-            "lowshot": LowshotRecipe}[name]

@@ -35,17 +35,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lr", type=float, default=0.01, help="SGD lr (default 0.01; tune per method)")
     g.add_argument("--epochs", type=float, help="default: 100 (linear, 100/372 images) or 216")
     g.add_argument("--iters", type=int, help="training iterations (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=8, help="global batch (default 8)")
-    g.add_argument("--crop-size", type=int, default=768)
+    g.add_argument("--global-batch", "--batch-size", dest="global_batch", type=int, default=8,
+                   help="global batch over all processes (default 8; --batch-size is an old name)")
+    g.add_argument("--crop-size", type=int, default=768, help="training crop and sliding window (768)")
     g.add_argument("--stride", type=int, default=512, help="sliding-window stride at evaluation")
     g.add_argument("--resize-scale", type=int, nargs=2, default=[2048, 1024], metavar=("LONG", "SHORT"),
                    help="image scale before the 0.5-2.0 training jitter and at evaluation (2048 1024)")
     g.add_argument("--layer-decay", type=float, help="layer-wise lr decay (fine-tuning; default none)")
-    g.add_argument("--seed", type=int, default=0, help="training randomness")
+    g.add_argument("--seed", type=int, help="training randomness (default 0); `split` takes --split-seed")
     r = p.add_argument_group("runtime")
-    r.add_argument("--work-dir", type=Path, help="default: runs/seg/<checkpoint name>")
+    r.add_argument("--output-dir", "--work-dir", dest="work_dir", type=Path,
+                   help="run directory (default: runs/seg/<checkpoint name>-<sha256[:8]>)")
     r.add_argument("--resume", action="store_true", help="resume unfinished splits from their checkpoints")
-    r.add_argument("--num-workers", type=int, default=4)
+    r.add_argument("--num-workers", type=int, default=4, help="data-loading processes (default 4)")
     r.add_argument("--save-every", type=int, default=2000, help="iterations between checkpoints")
     r.add_argument("--save-predictions", action="store_true", help="val predictions as PNG")
     r.add_argument("--output", type=Path, help="results JSON (default: WORK_DIR/results.json)")
@@ -72,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
 def _split(args: argparse.Namespace, cs) -> int:
     if args.size is None or (args.data is None) == (args.names is None):
         raise ConfigError("`seg split` needs --size N and one of --data ROOT or --names FILE")
+    if args.seed is not None:
+        raise ConfigError("`seg split` takes the split seed as --split-seed (--seed is the training seed)")
     names = cs.read_names(args.names) if args.names else cs.train_names(args.data)
     for seed in args.split_seeds or cs.SPLIT_SEEDS[:1]:
         print("\n".join(cs.french_split(names, args.size, seed)))
@@ -84,16 +88,15 @@ def _train(args: argparse.Namespace, cs) -> int:
     with dense_stack("segmentation"):
         from moca_eval.segmentation.plot import plot_per_class_iou
         from moca_eval.segmentation.run import SegConfig, run
-    work_dir = args.work_dir or Path("runs/seg") / args.ckpt.stem
+    work_dir = args.work_dir or common.default_run_dir("seg", args.ckpt)
     cfg = SegConfig(
-        ckpt=args.ckpt, data=args.data, mode=args.mode, train_size=args.train_size,
+        backbone=common.backbone_config(args), data=args.data, mode=args.mode, train_size=args.train_size,
         split_seeds=tuple(args.split_seeds or cs.SPLIT_SEEDS), names_file=args.names, lr=args.lr,
-        epochs=args.epochs, iters=args.iters, batch_size=args.batch_size, crop_size=args.crop_size,
+        epochs=args.epochs, iters=args.iters, batch_size=args.global_batch, crop_size=args.crop_size,
         stride=args.stride, resize_scale=tuple(args.resize_scale), layer_decay=args.layer_decay,
         work_dir=work_dir, resume=args.resume,
         num_workers=args.num_workers, save_every=args.save_every, save_predictions=args.save_predictions,
-        seed=args.seed, arch=args.arch, checkpoint_key=args.checkpoint_key, fmt=args.fmt,
-        student=args.student, num_heads=args.num_heads)
+        seed=args.seed or 0)
     result = run(cfg)
     payload = result.to_dict()
     rows = [{"split": s.split, "n_train": s.n_train, "iters": s.iters, "mIoU": s.miou, "aAcc": s.aacc,

@@ -18,7 +18,9 @@ from PIL import Image
 from moca_eval.checkpoint_formats import FORMATS
 from moca_eval.checkpoints import load_backbone
 from moca_eval.cli import main
+from moca_eval.cli.recipes import family_table
 from moca_eval.data import eval_transform, load_split
+from moca_eval.families import FAMILIES, RECIPES_VERSION
 from moca_eval.features import compute_features
 from moca_eval.models import ArchSpec
 from moca_eval.protocols.knn import evaluate
@@ -66,8 +68,10 @@ def extracted(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, t
 def test_knn_json_has_results_and_provenance(knn_run: tuple[dict, Path], tiny_checkpoint: Path,
                                              tiny_demo_data: Path, tiny_arch: ArchSpec) -> None:
     payload, _ = knn_run
-    assert [payload[key] for key in ("protocol", "feature", "n_train", "n_val")] == ["knn", "avg", 60, 30]
-    results = payload["results"]
+    config = payload["config"]
+    assert [payload["protocol"], config["feature"], config["n_train"], config["n_val"]] == [
+        "knn", "avg", 60, 30]
+    results = payload["metrics"]["rows"]
     assert [(r["k"], r["temperature"]) for r in results] == [(k, t) for k in KS for t in TEMPERATURES]
     for r in results:
         assert set(r) == {"k", "temperature", "top1", "top5"}
@@ -75,18 +79,30 @@ def test_knn_json_has_results_and_provenance(knn_run: tuple[dict, Path], tiny_ch
         assert r["top1"] * 30 / 100 == pytest.approx(round(r["top1"] * 30 / 100), abs=1e-9)  # k of 30 images
     ckpt = payload["checkpoint"]
     assert ckpt["sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
-    assert (ckpt["path"], ckpt["format"], ckpt["recipe"], ckpt["student"]) == (
-        str(tiny_checkpoint), "moca-full", "moca", False)
+    assert (ckpt["path"], ckpt["layout"], ckpt["family"], ckpt["family_source"], ckpt["student"]) == (
+        str(tiny_checkpoint), "moca-full", "moca", "layout", False)
     assert ckpt["arch_spec"] == dataclasses.asdict(tiny_arch)
     assert (ckpt["pos_embed"], ckpt["dropped_keys"]) == ("sincos", 18)  # the student's 18 tensors
-    assert payload["dataset"] == {"root": str(tiny_demo_data), "n_classes": 10, "skipped_images": []}
+    dataset = payload["dataset"]
+    assert (dataset["root"], dataset["splits"], dataset["n_classes"], dataset["skipped_images"]) == (
+        str(tiny_demo_data), {"train": 60, "val": 30}, 10, [])
+    train, val = load_split(tiny_demo_data, "train"), load_split(tiny_demo_data, "val")
+    expected = hashlib.sha256(f"train:{train.manifest_hash()}\nval:{val.manifest_hash()}\n".encode())
+    assert dataset["manifest_sha256"] == expected.hexdigest()
+    first = results[0]  # no k=20 among KS: the first (k, T) is the headline
+    assert payload["metrics"]["headline"] == {"name": f"top1@k={KS[0]},T={TEMPERATURES[0]:g}",
+                                              "value": first["top1"], "std": None}
+    assert config["recipe"] == {"name": "moca", "why": "family moca", "version": RECIPES_VERSION,
+                                "values": {"feature": "avg"}}
     assert payload["config"]["img_size"] == 32 and payload["config"]["precision"] == "fp32"
     assert payload["config"]["ks"] == list(KS) and payload["config"]["temperatures"] == list(TEMPERATURES)
-    assert isinstance(payload["wall_time_s"], float) and payload["wall_time_s"] >= 0
+    wall = payload["provenance"]["wall_time_s"]
+    assert isinstance(wall, float) and wall >= 0
     packages = payload["provenance"]["packages"]
     assert {name: packages[name] for name in ("torch", "timm", "moca-eval")} == {
         name: metadata.version(name) for name in ("torch", "timm", "moca-eval")}
-    assert {"python", "host", "device", "finished_utc", "moca_eval_commit"} <= set(payload["provenance"])
+    assert {"python", "host", "device", "started_utc", "finished_utc", "moca_eval_commit"} <= set(
+        payload["provenance"])
 
 
 def test_knn_top1_equals_evaluate_on_features_from_extract(knn_run: tuple[dict, Path],
@@ -95,7 +111,7 @@ def test_knn_top1_equals_evaluate_on_features_from_extract(knn_run: tuple[dict, 
     train, val = extracted["train"], extracted["val"]
     scores = evaluate(train["features"], train["labels"], val["features"], val["labels"], ks=KS,
                       temperatures=TEMPERATURES, num_classes=10, use_gpu=False)
-    assert [(r["k"], r["temperature"], r["top1"], r["top5"]) for r in payload["results"]] == [
+    assert [(r["k"], r["temperature"], r["top1"], r["top5"]) for r in payload["metrics"]["rows"]] == [
         (s.k, s.temperature, s.top1, s.top5) for s in scores]
 
 
@@ -131,7 +147,7 @@ def test_second_knn_run_reads_the_cache_without_running_the_backbone(
     monkeypatch.setattr("moca_eval.features._run_backbone", backbone_must_not_run)
     out = tmp_path / "again.json"
     assert main(_knn(tiny_checkpoint, tiny_demo_data, "--cache-dir", str(cache), "--output", str(out))) == 0
-    assert json.loads(out.read_text())["results"] == payload["results"]
+    assert json.loads(out.read_text())["metrics"] == payload["metrics"]
 
 
 def test_no_cache_runs_the_backbone_and_leaves_the_cache_alone(
@@ -157,24 +173,25 @@ def test_no_cache_runs_the_backbone_and_leaves_the_cache_alone(
     assert calls == ["train", "val", "train", "val"]
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
     assert not (tmp_path / "fresh").exists()
-    assert json.loads(out.read_text())["results"] == payload["results"]
+    assert json.loads(out.read_text())["metrics"] == payload["metrics"]
 
 
 def test_inspect_without_checkpoint_lists_every_format(capsys: pytest.CaptureFixture) -> None:
     assert main(["inspect"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == [fmt.name for fmt in FORMATS]
-    assert lines[0].split()[1] == "recipe=moca"
+    assert lines[0].split()[1] == "families=moca"
+    assert lines[[fmt.name for fmt in FORMATS].index("model-wrapped")].split()[1] == "families=moca,mae,timm"
 
 
 def test_inspect_checkpoint_shows_format_hash_and_dropped_keys(tiny_checkpoint: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
     assert main(["inspect", str(tiny_checkpoint)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("tiny-moca.pth: format moca-full (teacher/eval weights), "
+    assert lines[0].startswith("tiny-moca.pth: format moca-full (teacher/eval weights), family moca, "
                                "vit(d=32,L=1,h=1)/8@32")  # native resolution
     assert lines[1] == f"  sha256   {hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()}"
-    assert lines[2] == "  recipe   moca"
+    assert lines[2] == "  family   moca (layout moca-full is moca's)"
     assert lines[4].startswith("  dropped  encoder.cls_token, encoder.pos_embed, ")
     assert lines[4].endswith(" ...")  # 18 dropped, 6 shown
 
@@ -260,7 +277,7 @@ def test_knn_skips_a_corrupt_image_and_records_it(data_with_corrupt_image: tuple
     out = tmp_path / "knn.json"
     assert main(_knn(tiny_checkpoint, data, "--no-cache", "--output", str(out))) == 0
     payload = json.loads(out.read_text())
-    assert (payload["n_train"], payload["n_val"]) == (59, 30)
+    assert (payload["config"]["n_train"], payload["config"]["n_val"]) == (59, 30)
     assert payload["dataset"]["skipped_images"] == [bad]
 
 
@@ -292,3 +309,8 @@ def test_recipes_lists_every_protocols_named_configs(capsys):
     assert (mae.epochs, mae.blr, mae.optimizer, mae.batch_size) == (3, 0.1, "lars", 16384)
     assert main(["recipes", "lowshot"]) == 0
     assert "avg-prenorm" in capsys.readouterr().out
+    assert listed["families"] == family_table()
+    assert [r["family"] for r in listed["families"]] == FAMILIES.names()
+    dino = next(r for r in listed["families"] if r["family"] == "dino")
+    assert dino == {"family": "dino", "knn/extract feature": "cls", "linear": "dino", "lowshot": "dino",
+                    "finetune": "dino", "seg": "segmenter", "det": "cascade-mask-rcnn"}

@@ -45,8 +45,8 @@ def test_lowshot_matches_sklearn_on_the_same_features(env):
     assert lowshot(env, out, "--percent", "25", "--tol", "1e-9") == 0
     res = json.loads(out.read_text())
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert res["protocol"] == "lowshot" and res["feature"] == "avg-prenorm"
-    assert len(res["results"]) == 12 and res["config"]["interpolation"] == "bilinear"
+    assert res["protocol"] == "lowshot" and res["config"]["feature"] == "avg-prenorm"
+    assert len(res["metrics"]["rows"]) == 12 and res["config"]["interpolation"] == "bilinear"
     # independent recomputation: the same splits, features of the same backbone, sklearn
     index = load_split(env["data"], "train")
     val_index = load_split(env["data"], "val", classes=index.classes)
@@ -65,21 +65,25 @@ def test_lowshot_matches_sklearn_on_the_same_features(env):
 
     xt, xv = prep(tr.features["avg-prenorm"]), prep(va.features["avg-prenorm"])
     row = {p: i for i, p in enumerate(tr.paths)}
-    by_file = {r["file"]: r for r in res["results"]}
+    by_file = {r["file"]: r for r in res["metrics"]["rows"]}
     for sf in files:
         got = by_file[sf.relpath]
-        assert got["sha256"] == sf.sha256 == res["splits"]["files"][sf.relpath]["sha256"]
+        assert got["sha256"] == sf.sha256 == res["config"]["splits"]["files"][sf.relpath]["sha256"]
         idx = [row[k] for k in sf.keys]
         clf = LogisticRegression(C=1 / 0.1, fit_intercept=False, tol=1e-10, max_iter=10000)
         ref = 100 * np.mean(clf.fit(xt[idx], tr.labels[idx]).predict(xv) == va.labels)
         assert got["n_train"] == len(idx)
         assert abs(got["top1"] - ref) <= 0.2
-    for s in res["summary"]:
-        top1 = [r["top1"] for r in res["results"]
+    for s in res["metrics"]["splits"]:
+        top1 = [r["top1"] for r in sorted(res["metrics"]["rows"], key=lambda r: r["split"])
                 if r.get("shots") == s.get("shots") and r.get("percent") == s.get("percent")]
+        assert s["values"] == pytest.approx(top1, abs=1e-3)
         assert s["mean"] == pytest.approx(np.mean(top1), abs=1e-3)
         assert s["std"] == pytest.approx(np.std(top1), abs=1e-3)
-    assert [s.get("shots") for s in res["summary"]] == [1, 2, 5, None]
+    assert [s.get("shots") for s in res["metrics"]["splits"]] == [1, 2, 5, None]
+    head = res["metrics"]["splits"][0]
+    assert res["metrics"]["headline"] == {"name": "top1 1-shot (mean over splits)", "value": head["mean"],
+                                          "std": head["std"]}
 
 
 def test_split_dir_from_splits_make_gives_the_same_run(env, capsys):
@@ -96,9 +100,10 @@ def test_split_dir_from_splits_make_gives_the_same_run(env, capsys):
     whole = env["root"] / "c.json"  # features of the whole train set, rows picked by name
     assert lowshot(env, whole, "--split-dir", str(split_dir), "--train-features", "all") == 0
     a, b, c = (json.loads(p.read_text()) for p in (gen, made, whole))
-    assert a["results"] == b["results"] == c["results"] and b["splits"]["source"] == "dir"
+    assert a["metrics"]["rows"] == b["metrics"]["rows"] == c["metrics"]["rows"]
+    assert b["config"]["splits"]["source"] == "dir"
     manifest = json.loads((split_dir / "manifest.json").read_text())
-    for rel, entry in b["splits"]["files"].items():
+    for rel, entry in b["config"]["splits"]["files"].items():
         assert entry["sha256"] == manifest["files"][rel]["sha256"]
     (split_dir / "imagenet_subsets1/1imgs_class.txt").write_text("n00000001_0000.JPEG\n")
     assert main(["splits", "verify", str(split_dir)]) == 2
@@ -138,10 +143,10 @@ def test_bad_split_input_exits_2_and_writes_nothing(env, capsys, case):
     if case == "short":
         assert lowshot(env, out, "--allow-short", data=data) == 0
         res = json.loads(out.read_text())
-        files = res["splits"]["files"]
+        files = res["config"]["splits"]["files"]
         assert files["imagenet_subsets1/5imgs_class.txt"]["short"] == {"n00000003": 3}
-        assert res["splits"]["allow_short"] and res["splits"]["short_classes"] == 3
-        assert {r["n_train"] for r in res["results"] if r["shots"] == 5} == {48}
+        assert res["config"]["splits"]["allow_short"] and res["config"]["splits"]["short_classes"] == 3
+        assert {r["n_train"] for r in res["metrics"]["rows"] if r["shots"] == 5} == {48}
 
 
 def test_non_nested_files_warn_and_plot_compares_runs(env, capsys):
@@ -154,13 +159,19 @@ def test_non_nested_files_warn_and_plot_compares_runs(env, capsys):
     one.write_text("\n".join([other[0], *lines[1:]]) + "\n")  # still 1 per class, but not in 2
     out = env["root"] / "nest.json"
     assert lowshot(env, out, "--split-dir", str(split_dir), "--shots", "1", "2") == 0
-    warns = json.loads(out.read_text())["splits"]["warnings"]
+    warns = json.loads(out.read_text())["config"]["splits"]["warnings"]
     assert any("not nested" in w and "imagenet_subsets1/1imgs_class.txt" in w for w in warns)
     png = env["root"] / "cmp.png"
     assert main(["plot", str(out), str(out.with_name("nest.json")), "--labels", "a", "b",
                  "--out", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+    pdf = env["root"] / "cmp.pdf"
+    assert main(["plot", str(out), "--out", str(pdf)]) == 0 and pdf.read_bytes()[:5] == b"%PDF-"
+    capsys.readouterr()
+    assert main(["plot", str(out), "--out", str(env["root"] / "cmp.jpg")]) == 2
+    assert "cmp.jpg: a figure file must end in .png, .pdf, .svg" in capsys.readouterr().err
+    assert not (env["root"] / "cmp.jpg").exists()
     notls = env["root"] / "knn.json"
     notls.write_text(json.dumps({"protocol": "knn", "results": []}))
     assert main(["plot", str(notls), "--out", str(env["root"] / "x.png")]) == 2
-    assert "not a low-shot result file" in capsys.readouterr().err
+    assert "not a low-shot result record (protocol 'knn')" in capsys.readouterr().err
