@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
+from moca_eval import runtime
 from moca_eval.demo import make_demo_data, save_random_moca_checkpoint
 from moca_eval.features import ExtractConfig, compute_features
 from moca_eval.models import ARCHS, ArchSpec, build_vit, with_img_size
 from moca_eval.pipeline import BackboneConfig, DataConfig, FeatureJob
-from moca_eval.protocols import linear, training
+from moca_eval.protocols import linear
 from moca_eval.protocols.linear import LR_GRID
 from moca_eval.protocols.linear_heads import GridSGD, HeadGrid, grid_loss
 
@@ -91,13 +92,13 @@ def epoch_times(workdir: Path, *, epochs: int, device: str) -> dict[str, float]:
     tic = time.perf_counter()
     from moca_eval.pipeline import extract_splits
 
-    extract_splits(job, linear.DEFAULT_FEATURES, job.backbone.load())
+    extract_splits(job, linear.DEFAULT_FEATURES, job.backbone.load(), job.data.splits())
     out["cached: one-off feature extraction (train + val)"] = time.perf_counter() - tic
     recipe = linear.linear_recipe("moca", epochs=epochs, batch_size=64)
     for mode in ("cached", "augmented"):
         run_dir = workdir / mode
         linear.run(linear.LinearConfig(job, recipe, mode=mode, output_dir=run_dir, micro_batch=64))
-        records = training.JsonlLog(run_dir / training.LOG_NAME).records()
+        records = runtime.JsonlLog(run_dir / runtime.LOG_NAME).records()
         out[f"{mode}: seconds per epoch"] = statistics.median(r["time_s"] for r in records)
     return out
 

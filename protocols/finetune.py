@@ -28,6 +28,7 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.utils.data import DataLoader
 
+from moca_eval import runtime
 from moca_eval.checkpoints import LoadedBackbone
 from moca_eval.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, collate_skip_bad, eval_transform
 from moca_eval.errors import CheckpointError, ConfigError
@@ -193,8 +194,8 @@ def make_criterion(recipe: FinetuneRecipe, mixup: Mixup | None) -> nn.Module:
 @dataclass
 class _Run:
     cfg: FinetuneConfig
-    rt: training.Runtime
-    plan: training.BatchPlan
+    rt: runtime.Runtime
+    plan: runtime.BatchPlan
     steps: int
     dataset: training.SeededImageDataset
     labels: torch.Tensor
@@ -222,7 +223,7 @@ class _Run:
                 if self.mixup is not None:
                     keep = len(images) - len(images) % 2  # timm's batch mixup pairs images
                     images, targets = self.mixup(images[:keep], targets[:keep])
-                with training.sync_grads(model, i == len(micro) - 1):
+                with runtime.sync_grads(model, i == len(micro) - 1):
                     with self.rt.autocast():
                         logits = model(images)
                     loss = self.criterion(logits.float(), targets) / self.plan.accum
@@ -230,12 +231,12 @@ class _Run:
                 total += loss.detach()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        loss = training.all_reduce_sum(total).item() / (self.steps * self.plan.world_size)
+        loss = runtime.all_reduce_sum(total).item() / (self.steps * self.plan.world_size)
         return {"loss": loss, "lr_max": lr}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, labels: torch.Tensor, rt: training.Runtime,
+def evaluate(model: nn.Module, loader: DataLoader, labels: torch.Tensor, rt: runtime.Runtime,
              total: int) -> tuple[float, float]:
     """Top-1/top-5 (percent) over ``total`` val images; each process scores its own shard."""
     model.eval()
@@ -247,13 +248,13 @@ def evaluate(model: nn.Module, loader: DataLoader, labels: torch.Tensor, rt: tra
             logits = model(images.to(rt.device, non_blocking=True)).float().cpu()
         counts[0] += topk_correct(logits, labels[rows], 1)
         counts[1] += topk_correct(logits, labels[rows], 5)
-    counts = training.all_reduce_sum(counts).cpu()
+    counts = runtime.all_reduce_sum(counts).cpu()
     return 100.0 * counts[0].item() / total, 100.0 * counts[1].item() / total
 
 
 def _fingerprint(cfg: FinetuneConfig, backbone: LoadedBackbone, n_train: int, precision: str) -> dict:
     d = cfg.job.data
-    return training.jsonable({
+    return runtime.jsonable({
         "protocol": "finetune", "recipe": asdict(cfg.recipe), "seed": cfg.seed,
         "checkpoint_sha256": backbone.sha256, "student": backbone.student, "arch": repr(backbone.arch),
         "data": [str(d.root), d.train_split, d.val_split, d.resize, d.interpolation],
@@ -269,30 +270,30 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
         FINETUNE_RECIPES.canonical(cfg.recipe)
     clock = Clock()
     train_index, val_index = cfg.job.data.splits()
-    rt = training.make_runtime(cfg.job.extract)
+    rt = runtime.make_runtime(cfg.job.extract)
     backbone = cfg.job.backbone.load()
     recipe, why = resolve_recipe(FINETUNE_RECIPES, "finetune", backbone, cfg.recipe, cfg.overrides)
     cfg = replace(cfg, recipe=recipe)
     if recipe.epochs < 1 or recipe.blr <= 0:
         raise ConfigError("epochs and blr must be positive")
     num_classes = len(train_index.classes)
-    plan = training.make_plan(recipe.batch_size, cfg.micro_batch or cfg.job.extract.batch_size,
+    plan = runtime.make_plan(recipe.batch_size, cfg.micro_batch or cfg.job.extract.batch_size,
                               rt.dist.world_size)
     steps = training.steps_per_epoch(len(train_index), plan)
-    torch.manual_seed(training.derive_seed(cfg.seed, 6))
+    torch.manual_seed(runtime.derive_seed(cfg.seed, 6))
     model = build_model(backbone, num_classes, recipe).to(rt.device)
     lr = recipe.blr * recipe.batch_size / 256
     optimizer = build_optimizer(model, recipe, lr)
     sched = training.Schedule(recipe.epochs * steps, round(recipe.warmup_epochs * steps), recipe.min_lr,
                               recipe.warmup_lr)
     fingerprint = _fingerprint(cfg, backbone, len(train_index), rt.precision)
-    state = training.resume_from(cfg.output_dir, resume=cfg.resume, config=fingerprint)
+    state = runtime.resume_from(cfg.output_dir, resume=cfg.resume, config=fingerprint)
     start, history = 0, []
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = int(state["epoch"]), list(state["history"])
-    logbook = training.JsonlLog(cfg.output_dir / training.LOG_NAME if cfg.output_dir else None)
+    logbook = runtime.JsonlLog(cfg.output_dir / runtime.LOG_NAME if cfg.output_dir else None)
     logbook.truncate(start)
     mixup = make_mixup(recipe, num_classes)
     job = _Run(cfg, rt, plan, steps,
@@ -305,7 +306,7 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
     val_loader = DataLoader(ImageDataset(val_index, val_tf, val_rows), batch_size=plan.micro_batch,
                             num_workers=cfg.job.extract.num_workers, collate_fn=collate_skip_bad)
     val_labels = torch.as_tensor(val_index.labels)
-    ddp_model = training.wrap_ddp(model, rt)
+    ddp_model = runtime.wrap_ddp(model, rt)
     for epoch in range(start, recipe.epochs):
         tic = time.time()
         record: dict[str, Any] = {"epoch": epoch, **job.train_epoch(ddp_model, optimizer, sched, epoch)}
@@ -315,14 +316,14 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
             record.update(val_top1=top1, val_top5=top5)
         logbook.write({**record, "time_s": round(time.time() - tic, 3)})
         if cfg.output_dir is not None:
-            training.save_checkpoint(cfg.output_dir / training.CHECKPOINT_NAME, {
+            runtime.save_checkpoint(cfg.output_dir / runtime.CHECKPOINT_NAME, {
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "history": history, "config": fingerprint})
     best = max(history, key=lambda h: (h["top1"], h["top5"]))
     last = history[-1]
     result_record = Record(
         "finetune", checkpoint_block(backbone), dataset_info(cfg.job, (train_index, val_index)),
-        {"recipe": recipe_block(recipe.name, training.jsonable(asdict(recipe)), why=why),
+        {"recipe": recipe_block(recipe.name, runtime.jsonable(asdict(recipe)), why=why),
          "global_batch": plan.global_batch, "micro_batch": plan.micro_batch, "accum": plan.accum,
          "world_size": plan.world_size, "steps_per_epoch": steps, "lr": lr,
          "precision": rt.precision, "img_size": backbone.arch.img_size, "seed": cfg.seed,

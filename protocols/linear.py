@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moca_eval import runtime
 from moca_eval.checkpoints import LoadedBackbone
 from moca_eval.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderIndex, eval_transform
 from moca_eval.errors import ConfigError
@@ -143,7 +144,7 @@ def holdout_split(labels: np.ndarray, fraction: float, *, seed: int) -> tuple[np
     labels = np.asarray(labels)
     if fraction <= 0:
         return np.arange(len(labels)), np.empty(0, dtype=np.int64)
-    rng = np.random.default_rng(training.derive_seed(seed, 4))
+    rng = np.random.default_rng(runtime.derive_seed(seed, 4))
     held = []
     for cls in np.unique(labels):
         rows = np.flatnonzero(labels == cls)
@@ -212,10 +213,10 @@ def train_augmentation(img_size: int, interpolation: str) -> Any:
 @dataclass
 class _Run:
     cfg: LinearConfig
-    rt: training.Runtime
+    rt: runtime.Runtime
     data: ProbeData
     backbone: LoadedBackbone
-    plan: training.BatchPlan
+    plan: runtime.BatchPlan
     names: tuple[str, ...]
     steps: int
 
@@ -254,14 +255,14 @@ class _Run:
         for step, micro in enumerate(bar):
             lr = training.apply_lr(optimizer, epoch * self.steps + step, sched)
             for i, (feats, labels) in enumerate(micro):
-                with training.sync_grads(model, i == len(micro) - 1):
+                with runtime.sync_grads(model, i == len(micro) - 1):
                     loss = grid_loss(model(feats), labels, self.plan.local_batch)
                     loss.backward()
                 total += loss.detach()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        heads = len(training.unwrap(model).names)
-        loss = training.all_reduce_sum(total).item() / (self.steps * heads * self.plan.world_size)
+        heads = len(runtime.unwrap(model).names)
+        loss = runtime.all_reduce_sum(total).item() / (self.steps * heads * self.plan.world_size)
         return {"loss": loss, "lr_max": lr}
 
 
@@ -302,7 +303,7 @@ def _check_recipe(cfg: LinearConfig) -> None:
 def _fingerprint(cfg: LinearConfig, backbone: LoadedBackbone, data: ProbeData, precision: str) -> dict:
     """The settings a resumed run must share (not the process count or micro-batch)."""
     d = cfg.job.data
-    return training.jsonable({
+    return runtime.jsonable({
         "protocol": "linear", "mode": cfg.mode, "select_on": cfg.select_on,
         "holdout_fraction": cfg.holdout_fraction, "seed": cfg.seed, "recipe": asdict(cfg.recipe),
         "checkpoint_sha256": backbone.sha256, "student": backbone.student, "arch": repr(backbone.arch),
@@ -316,7 +317,7 @@ def run(cfg: LinearConfig) -> LinearResult:
     _check(cfg)
     clock = Clock()
     splits = cfg.job.data.splits()
-    rt = training.make_runtime(cfg.job.extract)
+    rt = runtime.make_runtime(cfg.job.extract)
     backbone = cfg.job.backbone.load()
     recipe, why = resolve_recipe(LINEAR_RECIPES, "linear", backbone, cfg.recipe, cfg.overrides)
     cfg = replace(cfg, recipe=recipe)
@@ -324,9 +325,9 @@ def run(cfg: LinearConfig) -> LinearResult:
     names = tuple(check_feature_name(n) for n in dict.fromkeys(recipe.features))
     data = prepare_data(cfg, backbone, names, splits)
     micro = cfg.micro_batch or (cfg.job.extract.batch_size if cfg.mode == "augmented" else None)
-    plan = training.make_plan(recipe.batch_size, micro, rt.dist.world_size)
+    plan = runtime.make_plan(recipe.batch_size, micro, rt.dist.world_size)
     steps = training.steps_per_epoch(len(data.train_rows), plan)
-    torch.manual_seed(training.derive_seed(cfg.seed, 5))
+    torch.manual_seed(runtime.derive_seed(cfg.seed, 5))
     grid = HeadGrid(data.dims, recipe.head_lrs, data.num_classes, batch_norm=recipe.head_norm == "bn",
                     init_std=recipe.init_std).to(rt.device)
     lr_scale = recipe.batch_size / 256
@@ -334,18 +335,18 @@ def run(cfg: LinearConfig) -> LinearResult:
                         trust_coefficient=LARS_TRUST if recipe.optimizer == "lars" else None)
     sched = training.Schedule(recipe.epochs * steps, round(recipe.warmup_epochs * steps))
     fingerprint = _fingerprint(cfg, backbone, data, rt.precision)
-    state = training.resume_from(cfg.output_dir, resume=cfg.resume, config=fingerprint)
+    state = runtime.resume_from(cfg.output_dir, resume=cfg.resume, config=fingerprint)
     start = 0
     if state is not None:
         grid.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["epoch"])
-    logbook = training.JsonlLog(cfg.output_dir / training.LOG_NAME if cfg.output_dir else None)
+    logbook = runtime.JsonlLog(cfg.output_dir / runtime.LOG_NAME if cfg.output_dir else None)
     logbook.truncate(start)
     if cfg.mode == "augmented":
         backbone.model.to(rt.device).eval().requires_grad_(False)
     job = _Run(cfg, rt, data, backbone, plan, names, steps)
-    model = training.wrap_ddp(grid, rt)
+    model = runtime.wrap_ddp(grid, rt)
     for epoch in range(start, recipe.epochs):
         tic = time.time()
         record: dict[str, Any] = {"epoch": epoch, **job.train_epoch(model, optimizer, sched, epoch)}
@@ -356,7 +357,7 @@ def run(cfg: LinearConfig) -> LinearResult:
                           val_top1=heads[best].val_top1, holdout_top1=heads[best].holdout_top1)
         logbook.write({**record, "time_s": round(time.time() - tic, 3)})
         if cfg.output_dir is not None:
-            training.save_checkpoint(cfg.output_dir / training.CHECKPOINT_NAME, {
+            runtime.save_checkpoint(cfg.output_dir / runtime.CHECKPOINT_NAME, {
                 "epoch": epoch + 1, "heads": grid.state_dict(), "optimizer": optimizer.state_dict(),
                 "config": fingerprint})
     heads, best = score_heads(grid, data, select_on=cfg.select_on, lr_scale=lr_scale, device=rt.device)
@@ -365,7 +366,7 @@ def run(cfg: LinearConfig) -> LinearResult:
     skipped = data.val.skipped + (data.holdout.skipped if data.holdout else [])
     result_record = Record(
         "linear", checkpoint_block(backbone), dataset_info(cfg.job, splits, skipped=skipped),
-        {"recipe": recipe_block(recipe.name, training.jsonable(asdict(recipe)), why=why),
+        {"recipe": recipe_block(recipe.name, runtime.jsonable(asdict(recipe)), why=why),
          "mode": cfg.mode, "select_on": cfg.select_on, "holdout_fraction": cfg.holdout_fraction,
          "global_batch": plan.global_batch, "micro_batch": plan.micro_batch, "accum": plan.accum,
          "world_size": plan.world_size, "steps_per_epoch": steps, "lr_scale": lr_scale,

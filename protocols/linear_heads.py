@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moca_eval import distributed
-from moca_eval.protocols import training
+from moca_eval import distributed, runtime
 
 
 class HeadGrid(nn.Module):
@@ -143,5 +142,5 @@ def head_accuracy(grid: HeadGrid, feats: Mapping[str, torch.Tensor], labels: tor
         counts[:, 0] += hits[..., 0].sum(0)
         counts[:, 1] += hits.any(-1).sum(0)
     grid.train(was_training)
-    counts = training.all_reduce_sum(counts).cpu().numpy()
+    counts = runtime.all_reduce_sum(counts).cpu().numpy()
     return 100.0 * counts[:, 0] / len(labels), 100.0 * counts[:, 1] / len(labels)

@@ -1,7 +1,7 @@
 """Training loops' data side for the trained protocols (linear probe, fine-tuning).
 
 The runtime (device, precision, process group, seeds, batch plan, checkpoints, log) is
-``moca_eval.runtime``; its names are re-exported here for the protocol modules.
+``moca_eval.runtime``.
 
 - Batching: ``epoch_batches``: step ``s`` of epoch ``e`` trains on the same images
   whatever the number of processes and accumulation steps (so results and checkpoints do not
@@ -28,24 +28,7 @@ from tqdm import tqdm
 
 from moca_eval.data import ImageDataset, ImageFolderIndex, collate_skip_bad
 from moca_eval.errors import ConfigError
-from moca_eval.runtime import (  # noqa: F401 - the runtime, as the protocols' modules use it
-    CHECKPOINT_NAME,
-    LOG_NAME,
-    BatchPlan,
-    JsonlLog,
-    Runtime,
-    all_reduce_sum,
-    derive_seed,
-    jsonable,
-    make_plan,
-    make_runtime,
-    resume_from,
-    save_checkpoint,
-    seed_all,
-    sync_grads,
-    unwrap,
-    wrap_ddp,
-)
+from moca_eval.runtime import BatchPlan, Runtime, derive_seed, seed_all
 
 log = logging.getLogger(__name__)
 

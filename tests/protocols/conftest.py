@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moca_eval.protocols import training
+from moca_eval import runtime
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -18,14 +18,14 @@ def run_interrupted(monkeypatch):
     checkpoint of ``epoch`` is saved, as a crash would."""
 
     def go(run, cfg, epoch: int) -> None:
-        save = training.save_checkpoint
+        save = runtime.save_checkpoint
 
         def save_then_die(path, state):
             save(path, state)
             if state["epoch"] == epoch:
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+        monkeypatch.setattr(runtime, "save_checkpoint", save_then_die)
         with pytest.raises(KeyboardInterrupt):
             run(cfg)
         monkeypatch.undo()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from moca_eval import runtime
 from moca_eval.checkpoints import load_backbone
 from moca_eval.demo import make_demo_data, save_random_moca_checkpoint
 from moca_eval.errors import ConfigError
@@ -119,7 +120,9 @@ def test_finetuning_beats_the_linear_probe_of_the_same_checkpoint(random_job):
     assert tuned.best_top1 > probe.selected.val_top1 + 5, (tuned.history, probe.selected)
     assert tuned.last_top1 == tuned.history[-1]["top1"] and len(tuned.history) == 20
     out = tuned.to_dict()
-    assert out["best_top1"] == max(h["top1"] for h in out["history"]) and out["config"]["accum"] == 1
+    values, history = out["metrics"]["values"], out["metrics"]["rows"]
+    assert values["best_top1"] == max(h["top1"] for h in history) and out["config"]["accum"] == 1
+    assert out["config"]["recipe"]["why"] == "given" and out["config"]["recipe"]["values"]["epochs"] == 20
 
 
 def test_interrupted_and_resumed_finetuning_ends_with_the_same_weights(tmp_path, run_interrupted):
@@ -134,12 +137,13 @@ def test_interrupted_and_resumed_finetuning_ends_with_the_same_weights(tmp_path,
     cut = replace(cfg, output_dir=tmp_path / "cut")
     run_interrupted(finetune.run, cut, 2)
     resumed = finetune.run(replace(cut, resume=True))
-    a = training.load_checkpoint(tmp_path / "full" / training.CHECKPOINT_NAME)
-    b = training.load_checkpoint(tmp_path / "cut" / training.CHECKPOINT_NAME)
+    a = runtime.load_checkpoint(tmp_path / "full" / runtime.CHECKPOINT_NAME)
+    b = runtime.load_checkpoint(tmp_path / "cut" / runtime.CHECKPOINT_NAME)
     assert a["epoch"] == b["epoch"] == 3 and a["model"].keys() == b["model"].keys()
     assert all(torch.equal(b["model"][k], v) for k, v in a["model"].items())
     states = zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())
     moments = [(s[m], t[m]) for s, t in states for m in ("exp_avg", "exp_avg_sq")]
     assert len(moments) == 2 * len(a["model"]) and all(torch.equal(x, y) for x, y in moments)
-    assert resumed.history == full.history and resumed.meta["config"]["resumed_from_epoch"] == 2
-    assert full.meta["config"]["accum"] == 2 and full.to_dict()["last_top1"] == full.history[-1]["top1"]
+    assert resumed.history == full.history and resumed.record.config["resumed_from_epoch"] == 2
+    assert full.record.config["accum"] == 2
+    assert full.to_dict()["metrics"]["headline"]["value"] == full.history[-1]["top1"]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
+from moca_eval import runtime
 from moca_eval.data import eval_transform, load_split, open_rgb
 from moca_eval.demo import make_demo_data
 from moca_eval.errors import ConfigError
@@ -194,17 +195,19 @@ def test_holdout_split_is_stratified_disjoint_and_seeded():
 def test_cached_mode_reaches_sklearn_logistic_regression(job, name, overrides):
     recipe = linear_recipe(name, epochs=60, batch_size=64, features=("avg",), warmup_epochs=0, **overrides)
     result = linear.run(linear.LinearConfig(job, recipe, mode="cached"))
-    train, val = extract_splits(job, ["avg"], job.backbone.load())  # cache hits
+    train, val = extract_splits(job, ["avg"], job.backbone.load(), job.data.splits())  # cache hits
     rows, held = holdout_split(train.labels, 0.1, seed=0)  # the rows the heads trained on
     sk = LogisticRegression(max_iter=5000).fit(train.features["avg"][rows], train.labels[rows])
     sk_top1 = 100 * sk.score(val.features["avg"], val.labels)
     assert sk_top1 > 25  # the features carry the classes (chance: 10%)
     assert result.selected.val_top1 >= sk_top1 - 4, (result.selected, sk_top1)
     out = result.to_dict()
-    assert (out["mode"], out["select_on"], out["n_holdout"]) == ("cached", "holdout", 60)
-    assert len(out["heads"]) == len(recipe.lr_grid)
-    best_holdout = max(h["holdout_top1"] for h in out["heads"])
-    assert out["selected"]["holdout_top1"] == best_holdout and out["top1"] == result.selected.val_top1
+    config, metrics = out["config"], out["metrics"]
+    assert (config["mode"], config["select_on"], config["n_holdout"]) == ("cached", "holdout", 60)
+    assert len(metrics["rows"]) == len(recipe.lr_grid)
+    best_holdout = max(h["holdout_top1"] for h in metrics["rows"])
+    assert metrics["values"]["selected"]["holdout_top1"] == best_holdout
+    assert metrics["headline"]["value"] == metrics["values"]["top1"] == result.selected.val_top1
 
 
 def test_augmented_mode_learns(job):
@@ -212,7 +215,7 @@ def test_augmented_mode_learns(job):
     result = linear.run(linear.LinearConfig(job, recipe, mode="augmented", micro_batch=16))
     assert result.selected.val_top1 > 20, result.selected  # chance: 10%
     out = result.to_dict()
-    assert out["mode"] == "augmented" and len(out["heads"]) == 135
+    assert out["config"]["mode"] == "augmented" and len(out["metrics"]["rows"]) == 135
     assert (out["config"]["micro_batch"], out["config"]["accum"]) == (16, 2)
 
 
@@ -224,8 +227,8 @@ def test_augmented_path_with_center_crops_reproduces_cached_mode(job, tmp_path, 
     cached = linear.run(cfg)
     monkeypatch.setattr(linear, "train_augmentation", lambda size, interpolation: eval_transform(size))
     augmented = linear.run(replace(cfg, mode="augmented", micro_batch=8, output_dir=tmp_path / "aug"))
-    a = training.load_checkpoint(tmp_path / "cached" / training.CHECKPOINT_NAME)["heads"]
-    b = training.load_checkpoint(tmp_path / "aug" / training.CHECKPOINT_NAME)["heads"]
+    a = runtime.load_checkpoint(tmp_path / "cached" / runtime.CHECKPOINT_NAME)["heads"]
+    b = runtime.load_checkpoint(tmp_path / "aug" / runtime.CHECKPOINT_NAME)["heads"]
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
     assert [h.val_top1 for h in augmented.heads] == pytest.approx([h.val_top1 for h in cached.heads], abs=0.5)
@@ -242,14 +245,14 @@ def test_interrupted_and_resumed_run_ends_with_the_same_heads(job, tmp_path, run
     with pytest.raises(ConfigError, match="cannot resume with different settings"):
         linear.run(replace(cut, resume=True, recipe=replace(recipe, epochs=4)))
     resumed = linear.run(replace(cut, resume=True))
-    a = training.load_checkpoint(tmp_path / "full" / training.CHECKPOINT_NAME)
-    b = training.load_checkpoint(tmp_path / "cut" / training.CHECKPOINT_NAME)
+    a = runtime.load_checkpoint(tmp_path / "full" / runtime.CHECKPOINT_NAME)
+    b = runtime.load_checkpoint(tmp_path / "cut" / runtime.CHECKPOINT_NAME)
     assert a["heads"].keys() == b["heads"].keys()
     assert all(torch.equal(a["heads"][k], b["heads"][k]) for k in a["heads"])
     momentum = [(s["momentum_buffer"], t["momentum_buffer"])
                 for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())]
     assert len(momentum) == 4 and all(torch.equal(x, y) for x, y in momentum)
-    assert resumed.heads == full.heads and resumed.meta["config"]["resumed_from_epoch"] == 1
+    assert resumed.heads == full.heads and resumed.record.config["resumed_from_epoch"] == 1
     log = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1, 2]
 
@@ -265,9 +268,11 @@ def test_cli_select_on_val_and_json(job, tmp_path):
             "--output", str(out)]
     assert main(argv) == 0
     payload = json.loads(out.read_text())
-    assert (payload["protocol"], payload["mode"], payload["select_on"]) == ("linear", "cached", "val")
-    assert payload["n_holdout"] == 0 and payload["n_train"] == 600 and len(payload["heads"]) == 6
-    assert payload["top1"] == max(h["val_top1"] for h in payload["heads"])
+    config, heads = payload["config"], payload["metrics"]["rows"]
+    assert (payload["protocol"], config["mode"], config["select_on"]) == ("linear", "cached", "val")
+    assert config["n_holdout"] == 0 and config["n_train"] == 600 and len(heads) == 6
+    assert payload["metrics"]["headline"]["value"] == max(h["val_top1"] for h in heads)
     assert payload["checkpoint"]["sha256"] and payload["provenance"]["packages"]["torch"]
-    assert payload["recipe"]["lr_grid"] == [0.01, 0.1, 1.0] and payload["config"]["world_size"] == 1
+    assert config["recipe"]["values"]["lr_grid"] == [0.01, 0.1, 1.0] and config["world_size"] == 1
+    assert config["recipe"]["name"] == "moca" and "family moca" in config["recipe"]["why"]
     assert (tmp_path / "run" / "log.jsonl").exists() and main(argv) == 2  # refuses to overwrite

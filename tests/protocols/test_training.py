@@ -13,6 +13,7 @@ import pytest
 import torch
 from timm.scheduler import CosineLRScheduler
 
+from moca_eval import runtime
 from moca_eval.data import load_split
 from moca_eval.demo import make_demo_data, save_random_moca_checkpoint
 from moca_eval.errors import CheckpointError, ConfigError
@@ -49,8 +50,8 @@ def test_cosine_lr_known_values():
 @pytest.mark.parametrize("world,micro", [(1, 2), (1, 8), (2, 2), (4, 1), (2, 4)])
 def test_global_batches_do_not_depend_on_processes_or_accumulation(world, micro):
     rows = np.arange(100, 143)  # 43 rows: 5 full global batches of 8, 3 rows dropped
-    ref = training.epoch_batches(rows, training.make_plan(8, None, 1), seed=3, epoch=2, rank=0)
-    plan = training.make_plan(8, micro, world)
+    ref = training.epoch_batches(rows, runtime.make_plan(8, None, 1), seed=3, epoch=2, rank=0)
+    plan = runtime.make_plan(8, micro, world)
     per_rank = [training.epoch_batches(rows, plan, seed=3, epoch=2, rank=r) for r in range(world)]
     assert len(ref) == 5 and all(len(p) == 5 for p in per_rank)
     for step in range(5):
@@ -60,17 +61,17 @@ def test_global_batches_do_not_depend_on_processes_or_accumulation(world, micro)
         assert np.array_equal(np.concatenate(parts), single)  # same images, same order
     seen = np.concatenate([b[0] for b in ref])
     assert len(set(seen.tolist())) == 40 and set(seen.tolist()) <= set(rows.tolist())
-    other = training.epoch_batches(rows, training.make_plan(8, None, 1), seed=3, epoch=3, rank=0)
+    other = training.epoch_batches(rows, runtime.make_plan(8, None, 1), seed=3, epoch=3, rank=0)
     assert not np.array_equal(other[0][0], ref[0][0])
 
 
 def test_batch_plan_errors_name_the_numbers():
-    assert training.make_plan(1024, 128, 2).accum == 4
-    assert training.make_plan(64, 128, 1).micro_batch == 64  # no accumulation needed
+    assert runtime.make_plan(1024, 128, 2).accum == 4
+    assert runtime.make_plan(64, 128, 1).micro_batch == 64  # no accumulation needed
     with pytest.raises(ConfigError, match="batch size 48 x 2"):
-        training.make_plan(256, 48, 2)
+        runtime.make_plan(256, 48, 2)
     with pytest.raises(ConfigError, match="exceeds the 10 training images"):
-        training.steps_per_epoch(10, training.make_plan(16, None, 1))
+        training.steps_per_epoch(10, runtime.make_plan(16, None, 1))
 
 
 def test_seeded_dataset_draws_depend_on_seed_epoch_and_row_only(tmp_path):
@@ -89,10 +90,10 @@ def test_seeded_dataset_draws_depend_on_seed_epoch_and_row_only(tmp_path):
 
 
 def test_checkpoint_is_atomic_and_read_safely(tmp_path, monkeypatch):
-    path = tmp_path / "run" / training.CHECKPOINT_NAME
+    path = tmp_path / "run" / runtime.CHECKPOINT_NAME
     state = {"epoch": 1, "config": {"a": [1, 2]}, "w": torch.arange(3.0)}
-    training.save_checkpoint(path, state)
-    loaded = training.load_checkpoint(path)
+    runtime.save_checkpoint(path, state)
+    loaded = runtime.load_checkpoint(path)
     assert loaded["epoch"] == 1 and torch.equal(loaded["w"], state["w"])
 
     def broken_save(obj, f):
@@ -101,26 +102,26 @@ def test_checkpoint_is_atomic_and_read_safely(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        training.save_checkpoint(path, {"epoch": 2, "config": {}})
-    assert training.load_checkpoint(path)["epoch"] == 1  # the old one is intact
-    assert sorted(p.name for p in path.parent.iterdir()) == [training.CHECKPOINT_NAME]
+        runtime.save_checkpoint(path, {"epoch": 2, "config": {}})
+    assert runtime.load_checkpoint(path)["epoch"] == 1  # the old one is intact
+    assert sorted(p.name for p in path.parent.iterdir()) == [runtime.CHECKPOINT_NAME]
     (tmp_path / "x.pth").write_bytes(b"garbage")
     with pytest.raises(CheckpointError):
-        training.load_checkpoint(tmp_path / "x.pth")
+        runtime.load_checkpoint(tmp_path / "x.pth")
 
 
 def test_resume_from_rules(tmp_path):
-    assert training.resume_from(tmp_path, resume=True, config={"a": 1}) is None
-    training.save_checkpoint(tmp_path / training.CHECKPOINT_NAME, {"epoch": 3, "config": {"a": 1, "b": 2}})
+    assert runtime.resume_from(tmp_path, resume=True, config={"a": 1}) is None
+    runtime.save_checkpoint(tmp_path / runtime.CHECKPOINT_NAME, {"epoch": 3, "config": {"a": 1, "b": 2}})
     with pytest.raises(ConfigError, match="pass --resume"):
-        training.resume_from(tmp_path, resume=False, config={"a": 1, "b": 2})
+        runtime.resume_from(tmp_path, resume=False, config={"a": 1, "b": 2})
     with pytest.raises(ConfigError, match="b: 2 -> 5"):
-        training.resume_from(tmp_path, resume=True, config={"a": 1, "b": 5})
-    assert training.resume_from(tmp_path, resume=True, config={"a": 1, "b": 2})["epoch"] == 3
+        runtime.resume_from(tmp_path, resume=True, config={"a": 1, "b": 5})
+    assert runtime.resume_from(tmp_path, resume=True, config={"a": 1, "b": 2})["epoch"] == 3
 
 
 def test_jsonl_log_truncates_epochs_after_the_checkpoint(tmp_path):
-    log = training.JsonlLog(tmp_path / "log.jsonl")
+    log = runtime.JsonlLog(tmp_path / "log.jsonl")
     for epoch in range(4):
         log.write({"epoch": epoch, "loss": float(epoch)})
     log.truncate(2)
@@ -156,8 +157,8 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name, argv in runs.items():
         assert main([*argv, "--output-dir", str(tmp_path / f"{name}-1p")]) == 0
-        one = training.load_checkpoint(tmp_path / f"{name}-1p" / training.CHECKPOINT_NAME)
-        two = training.load_checkpoint(tmp_path / f"{name}-2p" / training.CHECKPOINT_NAME)
+        one = runtime.load_checkpoint(tmp_path / f"{name}-1p" / runtime.CHECKPOINT_NAME)
+        two = runtime.load_checkpoint(tmp_path / f"{name}-2p" / runtime.CHECKPOINT_NAME)
         key = "heads" if name == "linear" else "model"
         assert one[key].keys() == two[key].keys()
         for k, v in one[key].items():
