@@ -90,5 +90,10 @@ def dataset_info(job: FeatureJob, splits: tuple[ImageFolderIndex, ImageFolderInd
     """The record's ``dataset`` block for a train/val ImageFolder job."""
     d = job.data
     return dataset_block(d.root, splits={d.train_split: splits[0], d.val_split: splits[1]},
-                         n_classes=len(splits[0].classes), skipped=skipped,
-                         resize=d.resize, interpolation=d.interpolation)
+                         n_classes=len(splits[0].classes), skipped=skipped)
+
+
+def transform_info(job: FeatureJob, img_size: int) -> dict:
+    """The eval transform's settings, for a record's ``config``."""
+    d = job.data
+    return {"img_size": img_size, "resize": d.resize, "interpolation": d.interpolation or "bicubic"}

@@ -37,7 +37,7 @@ HEADLINES = {
     "knn": "top-1 at k=20 and the first temperature (the paper's setting; else the first k)",
     "linear": "val top-1 of the selected head",
     "finetune": "val top-1 after the last epoch",
-    "lowshot": "mean top-1 over splits of the first setting (1 image per class by default)",
+    "lowshot": "mean top-1 over splits of the first setting (1 image per class by default; smallest lambda)",
     "seg": "mIoU, mean over the training splits",
     "det": "COCO box AP",
     "pretrain": "mean training loss of the last epoch",
@@ -165,3 +165,11 @@ def schema() -> dict[str, Any]:
 def load_record(path: str | Path) -> dict[str, Any]:
     """Read a record file (no validation beyond JSON)."""
     return json.loads(Path(path).read_text())
+
+
+def validate_record(record: dict[str, Any]) -> None:
+    """Raise ``jsonschema.ValidationError`` unless ``record`` fits the shipped schema (needs the
+    ``jsonschema`` package, installed with the ``test`` extra)."""
+    import jsonschema
+
+    jsonschema.validate(record, schema())

@@ -34,7 +34,7 @@ from moca_eval.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, collate_sk
 from moca_eval.errors import CheckpointError, ConfigError
 from moca_eval.families import resolve_recipe
 from moca_eval.models import build_vit
-from moca_eval.pipeline import FeatureJob, dataset_info
+from moca_eval.pipeline import FeatureJob, dataset_info, transform_info
 from moca_eval.protocols import training
 from moca_eval.protocols.knn import topk_correct
 from moca_eval.record import Clock, Record, checkpoint_block, metrics_block, recipe_block
@@ -326,7 +326,7 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
         {"recipe": recipe_block(recipe.name, runtime.jsonable(asdict(recipe)), why=why),
          "global_batch": plan.global_batch, "micro_batch": plan.micro_batch, "accum": plan.accum,
          "world_size": plan.world_size, "steps_per_epoch": steps, "lr": lr,
-         "precision": rt.precision, "img_size": backbone.arch.img_size, "seed": cfg.seed,
+         "precision": rt.precision, **transform_info(cfg.job, backbone.arch.img_size), "seed": cfg.seed,
          "eval_every": cfg.eval_every, "resumed_from_epoch": start,
          "n_train": len(train_index), "n_val": len(val_index)},
         metrics_block("top1 (last epoch)", last["top1"],

@@ -17,7 +17,7 @@ import torch
 from moca_eval.errors import ConfigError
 from moca_eval.families import FAMILIES, announce
 from moca_eval.features import check_feature_name
-from moca_eval.pipeline import FeatureJob, check_train_size, dataset_info, extract_splits
+from moca_eval.pipeline import FeatureJob, check_train_size, dataset_info, extract_splits, transform_info
 from moca_eval.record import Clock, Record, checkpoint_block, metrics_block, recipe_block
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def run(cfg: KnnConfig) -> KnnResult:
         dataset_info(cfg.job, splits, skipped=train.skipped + val.skipped),
         {"recipe": recipe_block(family.name, {"feature": family.feature}, why=f"family {family.name}"),
          "feature": feature, "ks": list(cfg.ks), "temperatures": list(cfg.temperatures),
-         "precision": cfg.job.extract.resolved_precision(), "img_size": backbone.arch.img_size,
+         "precision": cfg.job.extract.resolved_precision(), **transform_info(cfg.job, backbone.arch.img_size),
          "n_train": len(train), "n_val": len(val), "seed": cfg.seed},
         metrics_block(f"top1@k={head.k},T={head.temperature:g}", head.top1,
                       values={"top1": head.top1, "top5": head.top5},

@@ -31,7 +31,7 @@ from moca_eval.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderIndex, eval_t
 from moca_eval.errors import ConfigError
 from moca_eval.families import resolve_recipe
 from moca_eval.features import FeatureSet, check_feature_name, compute_features, extract_features
-from moca_eval.pipeline import FeatureJob, dataset_info, extract_splits
+from moca_eval.pipeline import FeatureJob, dataset_info, extract_splits, transform_info
 from moca_eval.protocols import training
 from moca_eval.protocols.linear_heads import GridSGD, HeadGrid, grid_loss, head_accuracy
 from moca_eval.record import Clock, Record, checkpoint_block, metrics_block, recipe_block
@@ -370,7 +370,7 @@ def run(cfg: LinearConfig) -> LinearResult:
          "mode": cfg.mode, "select_on": cfg.select_on, "holdout_fraction": cfg.holdout_fraction,
          "global_batch": plan.global_batch, "micro_batch": plan.micro_batch, "accum": plan.accum,
          "world_size": plan.world_size, "steps_per_epoch": steps, "lr_scale": lr_scale,
-         "precision": rt.precision, "img_size": backbone.arch.img_size, "seed": cfg.seed,
+         "precision": rt.precision, **transform_info(cfg.job, backbone.arch.img_size), "seed": cfg.seed,
          "resumed_from_epoch": start, "n_train": len(data.train_rows), "n_holdout": n_hold,
          "n_val": len(data.val)},
         metrics_block("top1 (selected head)", sel.val_top1,

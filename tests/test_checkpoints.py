@@ -3,12 +3,12 @@ documented layout (built here from a random timm ViT) loads to exactly the same 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from layouts import LAYOUT_ARCH, SMALL, layout_checkpoint, prefixed, random_vit
 from safetensors.torch import save_file
 
 from moca_eval.checkpoint_formats import FORMATS_BY_NAME
@@ -89,101 +89,6 @@ def test_fixture_architecture_is_inferred_from_weights() -> None:
 
 
 # ---------------------------------------------------------------- layouts built from PROTOCOLS.md
-SMALL = ArchSpec(embed_dim=96, depth=2, num_heads=3, patch_size=8, img_size=32)
-LAYERSCALE = ArchSpec(embed_dim=96, depth=2, num_heads=3, patch_size=8, img_size=32, init_values=0.1)
-REGISTERS = ArchSpec(embed_dim=96, depth=2, num_heads=3, patch_size=8, img_size=32, init_values=0.1,
-                     reg_tokens=4, no_embed_class=True)
-MOCOV3 = ArchSpec(embed_dim=384, depth=1, num_heads=12, patch_size=16, img_size=32)
-
-
-def _random_vit(arch: ArchSpec, seed: int, *, sincos: bool = False) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build_vit(arch).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)  # make every parameter matter
-        if sincos:
-            model.pos_embed.copy_(sincos_pos_embed(arch.embed_dim, arch.grid_size))
-    return model
-
-
-def _prefixed(sd: dict, prefix: str) -> dict:
-    return {prefix + k: v for k, v in sd.items()}
-
-
-def _ibot_names(sd: dict) -> dict:
-    return {k.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2"): v for k, v in sd.items()}
-
-
-def _dinov2_names(sd: dict, *, chunked: bool) -> dict:
-    """timm reg model -> DINOv2 naming: register_tokens, CLS row in pos_embed, chunked blocks."""
-    out = {}
-    for k, v in sd.items():
-        if chunked and k.startswith("blocks."):
-            i = int(k.split(".")[1])
-            k = f"blocks.{i // 1}.{i}." + k.split(".", 2)[2]
-        out[k] = v
-    row = torch.randn(1, 1, sd["cls_token"].shape[-1])
-    out["register_tokens"] = out.pop("reg_token")
-    out["pos_embed"] = torch.cat([row, sd["pos_embed"]], dim=1)
-    out["cls_token"] = sd["cls_token"] - row
-    out["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1])
-    return out
-
-
-NS = argparse.Namespace(arch="vit_tiny", lr=1e-3)
-HEAD = {"head.weight": torch.zeros(10, 96), "head.bias": torch.zeros(10)}
-
-
-def _layout(fmt: str, teacher: dict, student: dict) -> tuple[dict, dict]:
-    """A checkpoint in ``fmt``'s documented layout, plus load_backbone kwargs."""
-    t, s = teacher, student
-    builders = {
-        "moca-full": lambda: {"model": {**_prefixed(t, "encoder_teacher."), **_prefixed(s, "encoder."),
-                                        "decoder_pos_embed": torch.zeros(1, 5, 8),
-                                        "bow_extractor.bow_extractor.0._embedding": torch.zeros(4, 96),
-                                        "encoder_pred.scale": torch.ones(1),
-                                        "mask_token_cls_pt": torch.zeros(1, 1, 8)},
-                              "optimizer": {"state": {}, "param_groups": []}, "epoch": 199, "args": NS,
-                              "scaler": {"scale": 65536.0}},
-        "mae-full": lambda: {"model": {**t, "mask_token": torch.zeros(1, 1, 8),
-                                       "decoder_embed.weight": torch.zeros(8, 32),
-                                       "decoder_pred.weight": torch.zeros(4, 8)},
-                             "epoch": 799, "args": NS, "scaler": {}},
-        "model-wrapped": lambda: {"model": t},
-        "dino-full": lambda: {"teacher": {**_prefixed(t, "backbone."),
-                                          "head.mlp.0.weight": torch.zeros(4, 96)},
-                              "student": {**_prefixed(s, "module.backbone."),
-                                          "module.head.mlp.0.weight": torch.zeros(4, 96)},
-                              "epoch": 100, "args": NS, "dino_loss": {"center": torch.zeros(1, 4)}},
-        "ibot-full": lambda: {"teacher": {**_prefixed(_ibot_names(t), "backbone."),
-                                          "backbone.masked_embed": torch.zeros(96),
-                                          "head.mlp.0.weight": torch.zeros(4, 96)},
-                              "student": {**_prefixed(_ibot_names(s), "module.backbone."),
-                                          "module.backbone.masked_embed": torch.zeros(96)},
-                              "ibot_loss": {"center": torch.zeros(1, 4)}, "args": NS},
-        "dinov2-train": lambda: {"teacher": {**_prefixed(_dinov2_names(t, chunked=True), "backbone."),
-                                             "dino_head.mlp.0.weight": torch.zeros(4, 96),
-                                             "ibot_head.mlp.0.weight": torch.zeros(4, 96)}},
-        "state-dict-wrapped": lambda: {"state_dict": {**_ibot_names(t), **HEAD}},
-        "mocov3": lambda: {"state_dict": {**_prefixed(t, "module.base_encoder."),
-                                          **_prefixed(s, "module.momentum_encoder."),
-                                          "module.predictor.0.weight": torch.zeros(4, 4)},
-                           "arch": "vit_small", "epoch": 300},
-        "msn": lambda: {"target_encoder": {**_prefixed(t, "module."),
-                                           "module.fc.fc1.weight": torch.zeros(4, 96)},
-                        "encoder": {**_prefixed(s, "module."), "module.fc.fc1.weight": torch.zeros(4, 96)},
-                        "prototypes": torch.zeros(8, 4), "epoch": 1},
-        "dinov2-hub": lambda: _dinov2_names(t, chunked=False),
-        "bare": lambda: {**t, **HEAD},
-    }
-    return builders[fmt](), {}
-
-
-LAYOUT_ARCH = {"ibot-full": LAYERSCALE, "state-dict-wrapped": LAYERSCALE, "dinov2-train": REGISTERS,
-               "dinov2-hub": REGISTERS, "mocov3": MOCOV3}
-
-
 def test_every_registered_format_has_a_layout_test() -> None:
     assert set(FORMATS_BY_NAME) == set(_LAYOUT_NAMES)
 
@@ -203,8 +108,8 @@ def _check_same_function(loaded: torch.nn.Module, source: torch.nn.Module, arch:
 @pytest.mark.parametrize("fmt", _LAYOUT_NAMES)
 def test_documented_layout_is_detected_and_loads_exactly(fmt: str, tmp_path: Path) -> None:
     arch = LAYOUT_ARCH.get(fmt, SMALL)
-    teacher, student = _random_vit(arch, 0), _random_vit(arch, 1)
-    ckpt, _ = _layout(fmt, teacher.state_dict(), student.state_dict())
+    teacher, student = random_vit(arch, 0), random_vit(arch, 1)
+    ckpt, _ = layout_checkpoint(fmt, teacher.state_dict(), student.state_dict())
     path = tmp_path / "ckpt.pth"
     torch.save(ckpt, path)
     backbone = load_backbone(path, img_size=arch.img_size)
@@ -216,7 +121,7 @@ def test_documented_layout_is_detected_and_loads_exactly(fmt: str, tmp_path: Pat
 
 
 def test_safetensors_file_loads_as_bare_state_dict(tmp_path: Path) -> None:
-    source = _random_vit(SMALL, 0)
+    source = random_vit(SMALL, 0)
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
     backbone = load_backbone(path, img_size=32)
@@ -225,16 +130,16 @@ def test_safetensors_file_loads_as_bare_state_dict(tmp_path: Path) -> None:
 
 
 def test_checkpoint_key_takes_state_dict_under_custom_key(tmp_path: Path) -> None:
-    source = _random_vit(SMALL, 0)
+    source = random_vit(SMALL, 0)
     path = tmp_path / "custom.pth"
-    torch.save({"my_weights": _prefixed(source.state_dict(), "module.backbone."), "step": 5}, path)
+    torch.save({"my_weights": prefixed(source.state_dict(), "module.backbone."), "step": 5}, path)
     backbone = load_backbone(path, img_size=32, checkpoint_key="my_weights")
     assert backbone.format == "custom-key"
     _check_same_function(backbone.model, source, SMALL)
 
 
 def test_sincos_pos_embed_is_recomputed_exactly_at_another_resolution(tmp_path: Path) -> None:
-    source = _random_vit(SMALL, 0, sincos=True)
+    source = random_vit(SMALL, 0, sincos=True)
     path = tmp_path / "t.pth"
     torch.save({"model": source.state_dict()}, path)
     backbone = load_backbone(path, img_size=64)
@@ -246,7 +151,7 @@ def test_sincos_pos_embed_is_recomputed_exactly_at_another_resolution(tmp_path: 
 def test_learned_pos_embed_is_resampled_to_eval_resolution(tmp_path: Path) -> None:
     from timm.layers import resample_abs_pos_embed
 
-    source = _random_vit(SMALL, 0)
+    source = random_vit(SMALL, 0)
     path = tmp_path / "t.pth"
     torch.save(source.state_dict(), path)
     backbone = load_backbone(path, img_size=48)
@@ -267,7 +172,7 @@ def test_infer_arch_reads_width_depth_patch_mlp_and_head_rule() -> None:
 
 def test_dinov2_without_registers_uses_dinov2_offset_interpolation(tmp_path: Path) -> None:
     arch = ArchSpec(embed_dim=96, depth=1, num_heads=3, patch_size=14, img_size=518, init_values=0.1)
-    source = _random_vit(arch, 0)
+    source = random_vit(arch, 0)
     sd = {**source.state_dict(), "mask_token": torch.zeros(1, 96)}  # hub layout, 37x37 table
     torch.save(sd, tmp_path / "hub.pth")
     backbone = load_backbone(tmp_path / "hub.pth", img_size=224)
@@ -281,7 +186,7 @@ def test_dinov2_without_registers_uses_dinov2_offset_interpolation(tmp_path: Pat
 
 def test_num_heads_override_sets_heads_for_nonstandard_width(tmp_path: Path) -> None:
     arch = ArchSpec(embed_dim=96, depth=1, num_heads=2, patch_size=8, img_size=32)  # rule says 3
-    source = _random_vit(arch, 0)
+    source = random_vit(arch, 0)
     torch.save(source.state_dict(), tmp_path / "two_heads.pth")
     assert load_backbone(tmp_path / "two_heads.pth", img_size=32).arch.num_heads == 3
     backbone = load_backbone(tmp_path / "two_heads.pth", img_size=32, num_heads=2)
