@@ -56,8 +56,8 @@ def _roi_geometry(rois: torch.Tensor, *, pooled: tuple[int, int], spatial_scale:
     bins = size / size.new_tensor(pooled)
     if sampling_ratio > 0:
         grid = torch.full_like(size, sampling_ratio, dtype=torch.long)
-    else:
-        grid = torch.ceil(size / size.new_tensor(pooled)).long()
+    else:  # adaptive: ceil(bin size) samples per bin side, none for an empty (aligned) RoI
+        grid = torch.ceil(bins).long().clamp(min=0)
     return start, bins, grid
 
 
@@ -94,6 +94,9 @@ def _max_pool(feats: torch.Tensor, rois: torch.Tensor, start: torch.Tensor, bins
     (-10000 and coordinates -1 when no sample exceeds it, as in mmcv) and its y and x."""
     (gh, gw), (ph, pw) = grid, pooled
     k, c = rois.shape[0], feats.shape[1]
+    none = feats.new_full((k, c, ph, pw), -1.0)
+    if gh * gw == 0:  # no sample: mmcv's initial maximum, no position
+        return feats.new_full((k, c, ph, pw), -1e4), none, none.clone()
     ys = _sample_coords(start[:, 0], bins[:, 0], gh, ph)[:, :, None, :, None].expand(k, ph, pw, gh, gw)
     xs = _sample_coords(start[:, 1], bins[:, 1], gw, pw)[:, None, :, None, :].expand(k, ph, pw, gh, gw)
     batch = rois[:, 0].long()[:, None, None, None, None]
@@ -101,15 +104,12 @@ def _max_pool(feats: torch.Tensor, rois: torch.Tensor, start: torch.Tensor, bins
     for yi, xi, w in _bilinear_terms(ys, xs, feats.shape[2], feats.shape[3]):
         vals = vals + w[..., None] * feats[batch, :, yi, xi]  # [K, ph, pw, gh, gw, C]
     vals = vals.reshape(k, ph, pw, gh * gw, c).permute(0, 4, 1, 2, 3)
-    best, arg = vals.max(dim=-1) if gh * gw else (vals.new_full((k, c, ph, pw), -1e4), None)
-    if arg is None:
-        return best, torch.full_like(best, -1.0), torch.full_like(best, -1.0)
+    best, arg = vals.max(dim=-1)  # the first of equal maxima, as mmcv's strict ">" keeps
 
     def pick(coords: torch.Tensor) -> torch.Tensor:
         return coords.reshape(k, 1, ph, pw, -1).expand(-1, c, -1, -1, -1).gather(-1, arg[..., None])[..., 0]
 
     found = best > -1e4
-    none = torch.full_like(best, -1.0)
     return best.clamp(min=-1e4), torch.where(found, pick(ys), none), torch.where(found, pick(xs), none)
 
 
@@ -129,8 +129,7 @@ def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output: torch.Ten
                                       sampling_ratio=sampling_ratio, aligned=aligned)
     for g in torch.unique(grid, dim=0).tolist():
         rows = (grid == grid.new_tensor(g)).all(dim=1).nonzero()[:, 0]
-        best, y, x = _max_pool(input, rois[rows], start[rows], bins[rows], (max(g[0], 0), max(g[1], 0)),
-                               pooled)
+        best, y, x = _max_pool(input, rois[rows], start[rows], bins[rows], tuple(g), pooled)
         output[rows], argmax_y[rows], argmax_x[rows] = best, y, x
 
 
