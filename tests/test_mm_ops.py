@@ -19,6 +19,8 @@ from moca_eval import mm_ops
 from moca_eval.errors import ConfigError
 
 pytest.importorskip("mmcv", reason="the [dense] extra is not installed")
+NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, NO_GPU])]  # torchvision's CUDA kernels
 REFERENCE = torch.load(Path(__file__).with_name("fixtures") / "mmcv_ops_reference.pt", weights_only=True)
 
 
@@ -39,15 +41,17 @@ def case_id(case: dict) -> str:
             f"-scale{case['spatial_scale']}-rois{case['rois'].shape[0]}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", REFERENCE["roi_align"], ids=case_id)
-def test_roi_align_forward_and_backward_equal_compiled_mmcv(case, mmcv_ops_on_moca_eval):
-    x = REFERENCE["features"].clone().requires_grad_(True)
-    out = mmcv_ops_on_moca_eval.roi_align(x, case["rois"], case["output_size"], case["spatial_scale"],
-                                          case["sampling_ratio"], case["pool_mode"], case["aligned"])
-    out.backward(case["grad_output"])
+def test_roi_align_forward_and_backward_equal_compiled_mmcv(case, device, mmcv_ops_on_moca_eval):
+    x = REFERENCE["features"].to(device, copy=True).requires_grad_(True)
+    out = mmcv_ops_on_moca_eval.roi_align(x, case["rois"].to(device), case["output_size"],
+                                          case["spatial_scale"], case["sampling_ratio"], case["pool_mode"],
+                                          case["aligned"])
+    out.backward(case["grad_output"].to(device))
     assert out.shape == case["output"].shape
-    torch.testing.assert_close(out.detach(), case["output"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(x.grad, case["grad_input"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.detach().cpu(), case["output"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.grad.cpu(), case["grad_input"], atol=1e-5, rtol=0)
 
 
 def test_the_reference_covers_modes_ratios_and_empty_inputs():
@@ -59,15 +63,16 @@ def test_the_reference_covers_modes_ratios_and_empty_inputs():
     assert all(c["output"].abs().sum() > 0 for c in cases if c["rois"].shape[0])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", REFERENCE["nms"],
                          ids=lambda c: f"iou{c['iou_threshold']}-offset{c['offset']}")
-def test_nms_and_batched_nms_keep_what_compiled_mmcv_keeps(case, mmcv_ops_on_moca_eval):
-    boxes, scores = case["boxes"], case["scores"]
+def test_nms_and_batched_nms_keep_what_compiled_mmcv_keeps(case, device, mmcv_ops_on_moca_eval):
+    boxes, scores = case["boxes"].to(device), case["scores"].to(device)
     dets, keep = mmcv_ops_on_moca_eval.nms(boxes, scores, case["iou_threshold"], offset=case["offset"])
     assert keep.tolist() == case["keep"].tolist() and 0 < len(keep) < len(boxes)
     torch.testing.assert_close(dets, torch.cat([boxes[keep], scores[keep, None]], dim=1))
     nms_cfg = {"iou_threshold": case["iou_threshold"], "offset": case["offset"]}
-    _, batched = mmcv_ops_on_moca_eval.batched_nms(boxes, scores, case["labels"], nms_cfg)
+    _, batched = mmcv_ops_on_moca_eval.batched_nms(boxes, scores, case["labels"].to(device), nms_cfg)
     assert batched.tolist() == case["batched_keep"].tolist()
 
 
