@@ -1,18 +1,23 @@
-"""Install the dense-task stack (mmcv with ops, mmengine, mmsegmentation, mmdet) into this venv.
+"""Install the dense-task stack (mmcv, mmengine, mmsegmentation, mmdet) into this venv.
 
-    python -m moca_eval.install_dense [--rebuild]
+    python -m moca_eval.install_dense [--compile [--rebuild]]
 
-mmcv has no wheel for current torch, so its 2.1.0 source release (the newest that mmdet
-3.3.0 accepts) is built here, once, and the wheel cached under
-``~/.cache/moca-eval/wheels/<key>/`` (``$MOCA_EVAL_WHEEL_CACHE`` overrides the root), keyed
-by mmcv, torch, CUDA/CPU, Python and machine; later installs reuse it in seconds. The build
-needs what the sdist does not say: its ``-std=c++14/17`` flags raised to ``-std=c++20`` (torch
->= 2.10 headers), setuptools < 81 (its setup.py imports ``pkg_resources``) and
+By default this is ``pip install`` of moca-eval's ``[dense]`` extra, nothing built: mmcv-lite
+2.1.0 (mmcv's Python package, the newest version mmdet 3.3.0 accepts, without the compiled
+``mmcv._ext``) and moca-eval's ``mm_ops`` in place of that extension (RoIAlign and NMS on
+torchvision's CPU/CUDA kernels; any other mmcv op raises a one-line error pointing here).
+
+``--compile`` installs a compiled mmcv instead, for mmcv ops moca-eval does not provide: mmcv
+has no wheel for current torch, so its 2.1.0 source release is built here, once, and the wheel
+cached under ``~/.cache/moca-eval/wheels/<key>/`` (``$MOCA_EVAL_WHEEL_CACHE`` overrides the
+root), keyed by mmcv, torch, CUDA/CPU, Python and machine; later installs reuse it in seconds.
+The build needs what the sdist does not say: its ``-std=c++14/17`` flags raised to ``-std=c++20``
+(torch >= 2.10 headers), setuptools < 81 (its setup.py imports ``pkg_resources``) and
 ``--no-build-isolation`` with ``MMCV_WITH_OPS=1`` (an isolated build cannot see torch and ships
 a wheel WITHOUT the compiled ops; the wheel is checked for them). CUDA ops are built where
-torch sees a GPU (mmcv's own rule; ``FORCE_CUDA=1`` forces it). Then the ``[dense]`` extra
-of moca-eval is installed (mmengine, mmsegmentation, mmdet and what they import undeclared).
-About 15 minutes for the CPU build on 2 cores (ninja).
+torch sees a GPU (mmcv's own rule; ``FORCE_CUDA=1`` forces it; it needs an nvcc matching
+torch's CUDA). mmcv-lite is uninstalled first (both install the ``mmcv`` package); the compiled
+``mmcv._ext`` is then found before moca-eval's. About 15 minutes for the CPU build on 2 cores.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 MMCV_VERSION = "2.1.0"
+LITE = "mmcv-lite"
 BUILD_REQUIREMENTS = ("setuptools<81", "wheel", "ninja")
 CXX_STD = re.compile(r"-std=c\+\+1[47]")
 
@@ -45,8 +51,10 @@ class InstallError(RuntimeError):
 @contextlib.contextmanager
 def dense_stack(task: str) -> Iterator[None]:
     """An ImportError inside the block becomes a one-line ConfigError saying how to install."""
+    from moca_eval import mm_ops
     from moca_eval.errors import ConfigError
 
+    mm_ops.install()
     try:
         yield
     except ImportError as err:
@@ -140,33 +148,52 @@ def dense_requirements() -> list[str]:
     return dense
 
 
-def install(*, rebuild: bool = False) -> Path:
-    """Build (or reuse) the mmcv wheel, install it and the ``[dense]`` extra; returns the wheel."""
-    dest = wheel_cache_root() / build_key()
-    wheel = None if rebuild else cached_wheel(dest)
-    if wheel is None:
-        wheel = build_mmcv_wheel(dest)
-    else:
-        print(f"reusing the cached {wheel}", flush=True)
-    _pip("install", "-q", str(wheel), *dense_requirements())
-    check = subprocess.run([sys.executable, "-c", "import mmcv.ops, mmseg, mmdet"], capture_output=True,
-                           text=True)
+def check_stack() -> None:
+    """``mmcv.ops``, mmseg and mmdet import in a fresh interpreter (through moca-eval's packages)."""
+    code = "import moca_eval.detection, moca_eval.segmentation, mmcv.ops, mmseg, mmdet"
+    check = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if check.returncode:
         raise InstallError(f"the dense stack does not import: {check.stderr.strip().splitlines()[-1]}")
+
+
+def install(*, compiled: bool = False, rebuild: bool = False) -> Path | None:
+    """Install the ``[dense]`` extra; with ``compiled``, a built (or cached) mmcv wheel in place of
+    mmcv-lite. Returns the compiled wheel, if any."""
+    wheel = None
+    if compiled:
+        dest = wheel_cache_root() / build_key()
+        wheel = None if rebuild else cached_wheel(dest)
+        if wheel is None:
+            wheel = build_mmcv_wheel(dest)
+        else:
+            print(f"reusing the cached {wheel}", flush=True)
+    reqs = dense_requirements()
+    if wheel is None:
+        _pip("install", "-q", *reqs)
+    else:
+        _pip("install", "-q", *[r for r in reqs if not r.startswith(LITE)])
+        _pip("uninstall", "-q", "-y", LITE)
+        _pip("install", "-q", "--force-reinstall", "--no-deps", str(wheel))
+    check_stack()
     return wheel
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moca_eval.install_dense", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rebuild", action="store_true", help="build mmcv even if a cached wheel exists")
+    parser.add_argument("--compile", action="store_true",
+                        help="build (or reuse a cached) mmcv with all its compiled ops instead of mmcv-lite")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="with --compile: build even if a wheel is cached")
     args = parser.parse_args(argv)
+    if args.rebuild and not args.compile:
+        parser.error("--rebuild needs --compile")
     try:
-        wheel = install(rebuild=args.rebuild)
+        wheel = install(compiled=args.compile, rebuild=args.rebuild)
     except InstallError as err:
         print(f"install_dense: error: {err}", file=sys.stderr)
         return 1
-    print(f"dense stack installed (mmcv from {wheel.name})")
+    print(f"dense stack installed (mmcv from {wheel.name if wheel else LITE + ' with moca-eval ops'})")
     return 0
 
 
