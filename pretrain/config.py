@@ -139,7 +139,7 @@ def _check(ok: bool, message: str) -> None:
 # per step. Short runs need a teacher that keeps moving: momentum 0.9 -> 0.99 (the paper's
 # 0.99 -> 1 freezes it before the features take off) and an lr that stays high (cosine to
 # zero at 2x the epochs), and no gradient clipping. Measured on the demo data: k-NN top-1
-# ~53% after 24 epochs (600 steps), from ~17% at initialisation (chance 10%).
+# ~55% after 24 epochs (600 steps), from ~17% at initialisation (chance 10%).
 #
 # ``vit_base`` is the paper's Table 11 (v0.9): momentum 0.99 -> 1, weight decay 0.05. The paper
 # says nothing of gradient clipping; both ViT-B presets clip at 0.1, the script's default.
