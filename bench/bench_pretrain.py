@@ -1,7 +1,8 @@
 """Benchmark a MOCA training step: partial decoding and the second masking round (paper Table 1).
 
-Three variants of the same step (teacher targets, student, decoder, losses, backward, AdamW
-step, EMA update) on random images, built from one preset:
+Three variants of the same step (EMA update, teacher targets, student, decoder, losses,
+backward, gradient clipping, AdamW step: ``train.train_step``'s order) on random images,
+built from one preset:
 - ``1 round, full decoding``: mask 55%, the decoder predicts every token;
 - ``1 round, partial decoding``: the decoder predicts the visible tokens + 20% of all tokens;
 - ``2 rounds, partial decoding``: MOCA's default (55% then 75%, targets re-used).
@@ -25,9 +26,9 @@ from dataclasses import replace
 
 import torch
 
-from moca_eval.pretrain.config import PretrainConfig, preset
+from moca_eval.pretrain.config import PRESETS, PretrainConfig, preset
 from moca_eval.pretrain.model import MOCA
-from moca_eval.pretrain.train import autocast, build_optimizer, step_generator
+from moca_eval.pretrain.train import autocast, build_optimizer, grad_scaler, optimizer_step, step_generator
 
 VARIANTS = {
     "1 round, full decoding": dict(mask_ratios=(0.55,), partial_decoding=None),
@@ -62,6 +63,7 @@ class Variant:
         self.device = device
         self.model = MOCA(cfg).to(device)
         self.optimizer = build_optimizer(self.model, cfg)
+        self.scaler = grad_scaler(cfg, device)
         shape = (batch, 3, cfg.img_size, cfg.img_size)
         self.x1, self.x2 = torch.randn(shape, device=device), torch.randn(shape, device=device)
         self.steps = 0
@@ -73,12 +75,11 @@ class Variant:
                  else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
         self._sync()
         start = time.perf_counter()
+        self.model.update_teacher(self.cfg.momentum)
         with hooks, autocast(self.cfg, self.device):
             out = self.model(self.x1, self.x2, generator=step_generator(0, self.steps))
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        self.optimizer.step()
-        self.model.update_teacher(0.99)
+        optimizer_step(self.model, out.loss, self.optimizer, clip_grad=self.cfg.clip_grad,
+                       scaler=self.scaler)
         self._sync()
         self.steps += 1
         return float(saved.total) if count_saved else time.perf_counter() - start
@@ -127,7 +128,7 @@ def to_markdown(results: dict[str, dict[str, float]], *, header: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="vit_base", choices=["tiny", "vit_base"])
+    p.add_argument("--config", default="vit_base", choices=sorted(PRESETS))
     p.add_argument("--batch-size", type=int, default=8, help="images per view")
     p.add_argument("--device", default="auto")
     p.add_argument("--warmup", type=int, default=1)

@@ -113,7 +113,13 @@ class MOCA(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """EMA: ``teacher <- m * teacher + (1 - m) * student`` (fixed parameters skipped)."""
+        """EMA: ``teacher <- m * teacher + (1 - m) * student`` (fixed parameters skipped).
+
+        The training loop calls it at the start of a step, before the teacher's forward, as
+        MOCA's ``extract_targets``; a momentum of 1 or more leaves the teacher as it is.
+        """
+        if momentum >= 1.0:
+            return
         for student, teacher in zip(self.encoder.parameters(), self.encoder_teacher.parameters()):
             if student.requires_grad:
                 teacher.mul_(momentum).add_(student.detach(), alpha=1.0 - momentum)
@@ -147,7 +153,7 @@ class MOCA(nn.Module):
         """Teacher assignments of both views, then the codebook and ``mu_MSD`` updates."""
         cfg = self.cfg
         tokens = self.encoder_teacher.forward_features(images)[:, 1:]
-        codes, gap = self.bow_extractor(tokens, words)
+        codes, gaps = self.bow_extractor(tokens, words)
         avg_codes = border_average(codes, grid=cfg.grid_size, border=cfg.border)
         usage = codebook_usage(codes)
         n = images.shape[0] // 2
@@ -157,8 +163,7 @@ class MOCA(nn.Module):
             border=cfg.border, generator=generator, offset=where.offset,
             global_batch=where.global_batch,
         )
-        self.bow_extractor.codebook.push(new_words)
-        self.bow_extractor.update_mu(gap)
+        self.bow_extractor.update(new_words, gaps)
         return codes, avg_codes, usage
 
     def _masks(self, n: int, generator: torch.Generator, where: BatchSlice, *,

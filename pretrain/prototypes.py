@@ -11,6 +11,8 @@ differ), and a final ``L2Norm``. Student logits are ``kappa * <feature, prototyp
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,12 +25,12 @@ class PrototypeGenerator(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int, *, hidden: int) -> None:
         super().__init__()
-        self.generator = nn.Sequential(
-            nn.Linear(dim_in, hidden, bias=False),
-            nn.BatchNorm1d(hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, dim_out),
-        )
+        self.generator = nn.Sequential(OrderedDict([  # MOCA's layer names (checkpoint keys)
+            ("b0_fc", nn.Linear(dim_in, hidden, bias=False)),
+            ("b0_bn", nn.BatchNorm1d(hidden)),
+            ("b0_rl", nn.ReLU()),
+            ("b0_last_layer", nn.Linear(hidden, dim_out)),
+        ]))
         self.skip = nn.Identity() if dim_in == dim_out else nn.Linear(dim_in, dim_out)
 
     def forward(self, words: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from moca_eval import distributed
 from moca_eval.errors import ConfigError
-from moca_eval.pretrain import checkpoint
+from moca_eval.pretrain import checkpoint, official
 from moca_eval.pretrain.augment import TwoViews
 from moca_eval.pretrain.config import PretrainConfig
 from moca_eval.pretrain.data import GlobalBatchSampler, TwoViewDataset, find_images
@@ -68,6 +68,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     loader: DataLoader
     run_dir: Path
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
 
     @property
     def where(self) -> BatchSlice:
@@ -88,22 +89,64 @@ def resolve_device(name: str, info: distributed.DistInfo) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(cfg: PretrainConfig, device: torch.device, *,
+                      bf16_supported: bool | None = None) -> str:
+    """``fp32``, ``bf16`` or ``fp16`` for this run.
+
+    ``auto``: bf16 on a GPU that has it (fp32's exponent range, so no loss scaling and no
+    skipped steps), fp16 with a grad scaler (MOCA's own setting) on older GPUs, fp32 on CPU.
+    """
+    if cfg.precision != "auto":
+        return cfg.precision
+    if device.type != "cuda":
+        return "fp32"
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    return "bf16" if bf16_supported else "fp16"
+
+
 def autocast(cfg: PretrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU (``auto``/``bf16``) or when asked for on CPU; fp32 otherwise."""
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    """The autocast context of ``resolve_precision`` (a no-op for fp32)."""
+    precision = resolve_precision(cfg, device)
+    if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(cfg: PretrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 only: a ``GradScaler`` with MOCA's initial scale 65536 (``--init_scale``)."""
+    if resolve_precision(cfg, device) != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type, init_scale=65536.0)
+
+
+def optimizer_step(model: torch.nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer, *,
+                   clip_grad: float | None, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Backward, clip the global gradient norm at ``clip_grad`` (unscaled first), AdamW step:
+    MOCA's ``NativeScalerWithGradNormCount`` with a scaler, ``misc.backward`` without one."""
+    optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 def build_optimizer(model: MOCA, cfg: PretrainConfig) -> torch.optim.AdamW:
     """AdamW (0.9, 0.999) with MOCA's four groups: (generator or not) x (decay or not).
 
     Biases and 1-D parameters (norms) get no weight decay; the prototype generators
-    (``*_pred.``) get their own constant learning rate ``lr_prototypes``.
+    (``*_pred.``) get their own constant learning rate ``lr_prototypes``. Parameters are
+    taken in MOCA's model order, so ``state_dict()`` indexes them as MOCA's optimizer does.
     """
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, param in model.named_parameters():
+    for name, param in official.official_order(model.named_parameters()):
         if not param.requires_grad:
             continue
         is_wgen = name.startswith(("encoder_pred.", "decoder_pred."))
@@ -134,10 +177,15 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def train_step(run: _Run, x1: torch.Tensor, x2: torch.Tensor, *, step: int, t: float) -> dict[str, float]:
-    """One optimisation step at fractional epoch ``t``; returns the logged statistics."""
+    """One optimisation step at fractional epoch ``t``; returns the logged statistics.
+
+    As MOCA's loop: schedules, the teacher's EMA with this step's momentum (before its
+    forward), targets and losses, backward, gradient clipping, AdamW.
+    """
     cfg = run.cfg
     lr = apply_schedules(run.optimizer, cfg, t)
     momentum = teacher_momentum(cfg, t)
+    run.model.update_teacher(momentum)
     x1 = x1.to(run.device, non_blocking=True)
     x2 = x2.to(run.device, non_blocking=True)
     with autocast(cfg, run.device):
@@ -149,12 +197,7 @@ def train_step(run: _Run, x1: torch.Tensor, x2: torch.Tensor, *, step: int, t: f
     loss, loss_img, loss_loc = losses.tolist()
     if not math.isfinite(loss):
         raise RuntimeError(f"loss is {loss} at step {step} (L_IMG {loss_img}, L_LOC {loss_loc})")
-    run.optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
-    if cfg.clip_grad:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
-    run.optimizer.step()
-    run.model.update_teacher(momentum)
+    optimizer_step(run.model, out.loss, run.optimizer, clip_grad=cfg.clip_grad, scaler=run.scaler)
     return {"loss": loss, "loss_img": loss_img, "loss_loc": loss_loc, "tau": out.tau,
             "codebook_usage": out.codebook_usage, "lr": lr, "momentum": momentum}
 
@@ -226,7 +269,7 @@ def _setup(cfg: PretrainConfig) -> _Run:
     if info.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
         net = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-    return _Run(cfg, info, device, model, net, optimizer, loader, run_dir)
+    return _Run(cfg, info, device, model, net, optimizer, loader, run_dir, grad_scaler(cfg, device))
 
 
 def run(cfg: PretrainConfig) -> PretrainResult:
@@ -235,7 +278,8 @@ def run(cfg: PretrainConfig) -> PretrainResult:
     state = _setup(cfg)
     start = 0
     if cfg.resume:
-        start = checkpoint.load_for_resume(state.run_dir, cfg, model=state.model, optimizer=state.optimizer)
+        start = checkpoint.load_for_resume(state.run_dir, cfg, model=state.model,
+                                           optimizer=state.optimizer, scaler=state.scaler)
     log_path = state.run_dir / LOG_FILE
     log_file = None
     if state.info.is_main:
@@ -248,7 +292,8 @@ def run(cfg: PretrainConfig) -> PretrainResult:
             train_one_epoch(state, epoch, log_file)
             if state.info.is_main:
                 checkpoint.save_checkpoint(state.run_dir, model=state.model, optimizer=state.optimizer,
-                                           epoch=epoch, cfg=cfg, world_size=state.info.world_size)
+                                           epoch=epoch, cfg=cfg, world_size=state.info.world_size,
+                                           scaler=state.scaler)
             distributed.barrier()
     finally:
         if log_file is not None:

@@ -1,5 +1,9 @@
 """``moca-eval pretrain``: train MOCA on a folder of images and write teacher checkpoints.
 
+Presets: ``vit_base`` is the paper's ViT-B/16 recipe (Table 11, v0.9: teacher momentum
+0.99, weight decay 0.05); ``vit_base_release`` is the official script and README command
+(v1.0, the released checkpoint: momentum 0.994, weight decay 0.05 -> 0.2); both clip the
+gradient norm at 0.1 (the script's default; the paper is silent). ``tiny`` runs on a CPU.
 Distributed: ``torchrun --nproc_per_node N -m moca_eval pretrain ...`` (``--batch-size`` is
 the global batch, split between the processes).
 """
@@ -28,21 +32,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from moca_eval.pretrain.config import PRESETS
 
     p = sub.add_parser("pretrain", help="pretrain MOCA (teacher checkpoints for every protocol)",
-                       description=__doc__)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True,
                    help="folder of images (recursive; DIR/train is used when it exists); labels unused")
     p.add_argument("--config", default="tiny", choices=sorted(PRESETS),
-                   help="preset: tiny (CPU demo) or vit_base (the paper's ViT-B/16 recipe)")
+                   help="preset: vit_base (the paper, Table 11), vit_base_release (the official "
+                   "script and README, v1.0: momentum 0.994, weight decay 0.05 -> 0.2) or tiny (CPU demo)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--output", type=Path, required=True, help="run directory for checkpoints and logs")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint-last.pth")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                   help="continue from OUTPUT/checkpoint-last.pth, or from CHECKPOINT (ours or an "
+                   "official MOCA checkpoint-*.pth: its codebook, optimizer and schedule)")
     g = p.add_argument_group("overrides (default: the preset's value)")
     g.add_argument("--batch-size", type=int, help="global batch size (all processes)")
     g.add_argument("--lr", type=float, help="peak learning rate (default: blr * batch / 256)")
     g.add_argument("--blr", type=float, help="base lr, scaled by batch / 256 (replaces the preset's lr)")
     g.add_argument("--warmup-epochs", type=float)
     g.add_argument("--weight-decay", type=float)
-    g.add_argument("--clip-grad", type=float, help="max gradient norm (default: no clipping)")
+    g.add_argument("--weight-decay-end", type=float, help="cosine end of the weight decay (release: 0.2)")
+    g.add_argument("--clip-grad", type=float,
+                   help="max gradient norm (ViT-B presets: 0.1, as MOCA's script; 0: off)")
     g.add_argument("--momentum", type=float, help="initial teacher EMA momentum (0.99)")
     g.add_argument("--momentum-end", type=float, help="final teacher EMA momentum (1.0; cosine)")
     g.add_argument("--mask-ratios", type=_ratios, help="comma-separated, one per round (0.55,0.75)")
@@ -57,7 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r = p.add_argument_group("runtime")
     r.add_argument("--device", help="auto (default), cpu, cuda")
     r.add_argument("--num-workers", type=int)
-    r.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
+    r.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on GPUs that have it (no loss scaling needed), else fp16 with a "
+                   "grad scaler (MOCA's own setting); fp32 on CPU")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -67,10 +78,11 @@ def run(args: argparse.Namespace) -> int:
     from moca_eval.pretrain import train as pretrain
 
     overrides = {name: getattr(args, name) for name in (
-        "epochs", "batch_size", "lr", "blr", "warmup_epochs", "weight_decay", "clip_grad",
+        "epochs", "batch_size", "lr", "blr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad",
         "momentum", "momentum_end", "mask_ratios", "num_words", "num_new_words", "img_weight", "img_size",
         "seed", "save_every", "device", "num_workers", "precision")}
-    fixed = {"data_dir": str(args.data), "output_dir": str(args.output), "resume": args.resume,
+    fixed = {"data_dir": str(args.data), "output_dir": str(args.output),
+             "resume": args.resume is not None, "resume_from": args.resume or "",
              "progress": not args.no_progress}
     if args.blr is not None and args.lr is None:
         fixed["lr"] = None  # the preset's absolute lr would override blr

@@ -86,3 +86,11 @@ def test_demo_pretrains_then_compares_teacher_and_random_init_and_reruns_without
     assert main(["demo", "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
     assert (out / "pretrain" / "log.jsonl").read_text() == log  # finished run reused
     assert json.loads((out / "knn.json").read_text())["moca_teacher"]["results"] == teacher["results"]
+
+
+def test_resume_from_a_missing_checkpoint_file_is_exit_2(images, tmp_path, capsys):
+    missing = tmp_path / "official" / "checkpoint-99.pth"
+    code = main(["pretrain", "--data", str(images), "--output", str(tmp_path / "run"), "--batch-size", "8",
+                 "--num-new-words", "8", "--num-workers", "0", "--no-progress", "--resume", str(missing)])
+    assert code == 2
+    assert f"{missing}: nothing to resume" in capsys.readouterr().err

@@ -42,7 +42,8 @@ def test_two_gloo_processes_match_one_process(micro_cfg, image_dir, tmp_path):
     a = read_checkpoint(single.checkpoint)["model"]
     b = ckpt["model"]
     # the codebook was synchronised: same queue, same pointer, same mu_MSD as one process
-    for key in ("bow_extractor.codebook.words", "bow_extractor.codebook.ptr", "bow_extractor.mu_msd"):
+    for key in ("bow_extractor.bow_extractor.0._embedding", "bow_extractor.bow_extractor.0._embedding_ptr",
+                "bow_extractor.bow_extractor.0._dist_norm"):
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
     for key, value in a.items():
         if not value.is_floating_point():

@@ -7,18 +7,39 @@ from moca_eval.errors import ConfigError
 from moca_eval.pretrain.masking import make_masks, token_counts
 
 
+# MOCA's main_pretrain.py / util/misc.py: mask_ratio (0.55, 0.75), dec_mask_ratio (0.35, 0.55),
+# visible = int(L * (1 - mask_ratio)), decoded = int(L * (1 - dec_mask_ratio)), in float64:
+#  6x6,   L=36: int(16.2)=16, int(23.4)=23 | int(9.0)=9,   int(16.2)=16
+#  8x8,   L=64: int(28.8)=28, int(41.6)=41 | int(16.0)=16, int(28.8)=28
+# 10x10, L=100: 1 - 0.55 = 0.44999999999999996, so int(44.999...)=44; int(65.00000000000001)=65
+#               | int(25.0)=25, int(44.999...)=44
+# 14x14, L=196: int(88.2)=88, int(127.4)=127 | int(49.0)=49, int(88.2)=88
 @pytest.mark.parametrize(
-    ("tokens", "ratio", "partial", "expected"),
-    [
-        (196, 0.55, 0.2, (88, 127)),  # ViT-B/16 at 224, round 1: MOCA's dec_mask_ratio 0.35
-        (196, 0.75, 0.2, (49, 88)),  # round 2: dec_mask_ratio 0.55
-        (196, 0.55, None, (88, 196)),  # full decoding
-        (64, 0.55, 0.2, (28, 40)),
-        (64, 0.75, 0.2, (16, 28)),
-    ],
+    ("grid", "round1", "round2"),
+    [(6, (16, 23), (9, 16)), (8, (28, 41), (16, 28)), (10, (44, 65), (25, 44)),
+     (14, (88, 127), (49, 88))],
 )
-def test_token_counts_match_moca_flooring(tokens, ratio, partial, expected):
-    assert token_counts(tokens, ratio, partial) == expected
+def test_token_counts_follow_mocas_formula(grid, round1, round2):
+    tokens = grid * grid
+    assert token_counts(tokens, 0.55, 0.2) == round1
+    assert token_counts(tokens, 0.75, 0.2) == round2
+    assert token_counts(tokens, 0.55, None) == (round1[0], tokens)  # full decoding
+    first, second = make_masks(torch.rand(2, tokens), (0.55, 0.75), partial=0.2)
+    assert (first.visible, first.decoded, second.visible, second.decoded) == (*round1, *round2)
+
+
+def test_second_round_on_8x8_decodes_the_first_12_of_the_13_shared_tokens():
+    noise = torch.rand(3, 64, generator=torch.Generator().manual_seed(2))
+    first, second = make_masks(noise, (0.55, 0.75), partial=0.2)
+    shared = first.ids[:, 28:41]  # decoded, not seen, in round 1
+    assert torch.equal(second.ids[:, 16:28], shared[:, :12])
+    for row in range(3):
+        assert not set(second.ids_visible[row].tolist()) & set(first.ids_decoded[row].tolist())
+
+
+def test_partial_decoding_that_decodes_no_masked_token_is_a_config_error():
+    with pytest.raises(ConfigError, match="decodes no masked token"):
+        token_counts(36, 0.55, 0.01)  # int(36 * 0.46) = 16 = visible
 
 
 def test_one_round_is_the_argsort_of_the_noise():

@@ -13,6 +13,7 @@ from moca_eval.checkpoints import load_backbone
 from moca_eval.errors import ConfigError
 from moca_eval.pretrain import run
 from moca_eval.pretrain.model import MOCA
+from moca_eval.pretrain.official import from_official
 
 STEP_KEYS = {"epoch", "step", "loss", "loss_img", "loss_loc", "tau", "codebook_usage", "lr",
              "momentum", "imgs_per_s"}
@@ -30,7 +31,7 @@ def trained(tmp_path_factory, micro_cfg, make_images):
 def test_run_writes_moca_layout_checkpoint_teacher_log_and_summary(trained):
     cfg, result = trained
     ckpt = read_checkpoint(result.checkpoint)
-    assert set(ckpt) == {"model", "optimizer", "epoch", "args", "scaler"}
+    assert set(ckpt) == {"model", "optimizer", "epoch", "args"}  # fp32: no scaler, as MOCA's --no_fp16
     assert ckpt["epoch"] == 2 and isinstance(ckpt["args"], argparse.Namespace)
     assert ckpt["args"].model == "moca_vit_tiny_patch8_dec32d1b" and ckpt["args"].input_size == 32
     groups = ckpt["optimizer"]["param_groups"]
@@ -53,7 +54,8 @@ def test_run_writes_moca_layout_checkpoint_teacher_log_and_summary(trained):
 def test_checkpoints_load_strictly_with_the_core_loader(trained):
     cfg, result = trained
     model = MOCA(cfg)
-    model.load_state_dict(read_checkpoint(result.checkpoint)["model"])
+    model.load_state_dict(from_official(read_checkpoint(result.checkpoint)["model"],
+                                        expected=model.state_dict().keys(), source="test"))
     images = torch.randn(2, 3, 32, 32)
     expected = model.encoder_teacher.eval().forward_features(images)
     full = load_backbone(result.checkpoint, img_size=32)
