@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 IndexDType = Literal["float32", "float16"]
 CPU_SHARD_ROWS = 1 << 18  # train rows per faiss.knn call on CPU (views: no copy in float32)
+CPU_FP16_SHARD_ROWS = 1 << 14  # float16 shards are widened to float32 on CPU: keep them small
 NORMALIZE_ROWS = 1 << 16  # rows normalised at a time (bounds the temporary)
 GPU_MEMORY_FRACTION = 0.5  # of the free device memory one train shard may take
 
@@ -128,7 +129,8 @@ def search(train: np.ndarray, query: np.ndarray, k: int, *, use_gpu: bool | None
         searcher = GpuShardSearch(faiss, gpus, query)
         rows = shard_rows or searcher.shard_rows(train)
     else:
-        searcher, rows = CpuShardSearch(faiss, query), shard_rows or CPU_SHARD_ROWS
+        default = CPU_SHARD_ROWS if train.dtype == np.float32 else CPU_FP16_SHARD_ROWS
+        searcher, rows = CpuShardSearch(faiss, query), shard_rows or default
     sims = np.full((len(query), 0), -np.inf, dtype=np.float32)
     ids = np.zeros((len(query), 0), dtype=np.int64)
     for n, start in enumerate(range(0, len(train), rows)):
