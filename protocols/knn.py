@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 IndexDType = Literal["float32", "float16"]
 CPU_SHARD_ROWS = 1 << 18  # train rows per faiss.knn call on CPU (views: no copy in float32)
 CPU_FP16_SHARD_ROWS = 1 << 14  # float16 shards are widened to float32 on CPU: keep them small
-NORMALIZE_ROWS = 1 << 16  # rows normalised at a time (bounds the temporary)
+NORMALIZE_ROWS = 1 << 12  # rows normalised at a time (np.linalg.norm squares a block: 12 MB at 768-d)
 GPU_MEMORY_FRACTION = 0.5  # of the free device memory one train shard may take
 
 

@@ -173,3 +173,14 @@ def test_result_records_objective_gap_and_passes():
     assert fit["objective"] == pytest.approx(objective(xp, y[rows], reference(
         xp, y[rows], 0.1 / len(rows)).coef_.T, 0.1 / len(rows)), rel=1e-6)
     assert 0 <= fit["gap"] <= TORCH_TOL * fit["objective"]
+
+
+def test_cyanure_that_does_not_converge_is_finished_by_the_torch_solver(caplog):
+    x, y = draw(3, seed=11)
+    x = preprocess_features(x)
+    model = fit_logreg(x, y, lambd=2.5e-4, solver="auto", max_iter=2)  # 2 passes: cannot converge
+    assert model.solver == "auto+torch" and model.converged and model.n_iter > 2
+    assert "refitting with the torch solver" in caplog.text
+    ref = reference(x, y, model.lambda_1)
+    f_ref = objective(x, y, ref.coef_.T, model.lambda_1)
+    assert abs(model.objective - f_ref) <= 1e-6 * f_ref
