@@ -70,11 +70,11 @@ def strong(classes: int = 1000, shots: int = 2, dim: int = 768, lambda_1: float 
     f0 = float(np.log(classes))
     lines = [f"iBOT setting: {classes} classes x {shots} shots, {dim}-d, lambda_1 = {lambda_1:g} "
              f"(not / N), {len(val_y)} val.", "",
-             "| method | time (s) | passes | F(W) - F_ref | as a fraction of F(0) - F_ref | "
-             "top-1 | d top-1 vs ref |", "|---|---|---|---|---|---|---|"]
+             "| method | time (s) | passes | F(W) - F_best | as a fraction of F(0) - F_best | "
+             "top-1 | d top-1 vs best |", "|---|---|---|---|---|---|---|"]
     worker = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     results = {}
-    for method in ("sklearn float64 (reference, tol 1e-8)", "cyanure auto float64, relative gap 1e-3 "
+    for method in ("sklearn float64 (tol 1e-8)", "cyanure auto float64, relative gap 1e-3 "
                    "(previous rule)", "moca-eval cyanure (new rule)", "moca-eval torch CPU"):
         start = time.perf_counter()
         if "previous" in method:
@@ -87,7 +87,9 @@ def strong(classes: int = 1000, shots: int = 2, dim: int = 768, lambda_1: float 
         results[method] = (time.perf_counter() - start, passes, obj, 100.0 * float(np.mean(pred == val_y)))
         print(method, results[method], flush=True)
     worker.shutdown()
-    _, _, f_ref, top1_ref = next(iter(results.values()))
+    # the reference: the lowest objective (sklearn's gradient tolerance can stop at iteration 1
+    # here, where the whole gradient is tiny; torch's certified gap cannot)
+    _, _, f_ref, top1_ref = min(results.values(), key=lambda r: r[2])
     for method, (seconds, passes, obj, top1) in results.items():
         lines.append(f"| {method} | {seconds:.1f} | {passes} | {obj - f_ref:+.2e} | "
                      f"{(obj - f_ref) / (f0 - f_ref):+.2e} | {top1:.2f} | {top1 - top1_ref:+.2f} |")
@@ -104,11 +106,7 @@ def main() -> None:
     p.add_argument("--strong", action="store_true", help="only the iBOT strong-regularisation table")
     args = p.parse_args()
     if args.strong:
-        table = strong()
-        print(table)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(table)
+        _emit(strong(), args.out)
         return
     settings, val_x, val_y = make_study(args.classes, args.dim, args.seed)
     worker = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
@@ -145,10 +143,13 @@ def main() -> None:
         d_top1 = max(abs(a - b) for a, b in zip(r["top1"], ref["top1"]))
         lines.append(f"| {method} | {r['seconds']:.1f} | {r['seconds'] / ref['seconds']:.2f} | "
                      f"{r['passes']} | {excess:+.1e} | {d_top1:.2f} | {np.mean(r['top1']):.2f} |")
-    table = "\n".join(lines) + "\n"
+    _emit("\n".join(lines) + "\n", args.out)
+
+
+def _emit(table: str, out: str | None) -> None:
     print(table)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(table)
 
 

@@ -202,9 +202,10 @@ def _stack_missing(module: str) -> str | None:
 
 
 def check_seg(sizes: dict, device: torch.device, work: Path) -> dict:
-    missing = _stack_missing("mmseg")
-    if missing:
-        return {"status": "skipped", "reason": missing}
+    return _mm_section("mmseg", device, lambda: _seg_run(sizes, work))
+
+
+def _seg_run(sizes: dict, work: Path) -> Callable[[], object]:
     from moca_eval.segmentation import cityscapes as cs
     from moca_eval.segmentation.run import SegConfig, run
 
@@ -216,7 +217,7 @@ def check_seg(sizes: dict, device: torch.device, work: Path) -> dict:
                     crop_size=64 if tiny else 768, stride=48 if tiny else 512,
                     resize_scale=(256, 128) if tiny else (2048, 1024), num_workers=0,
                     work_dir=work / "seg-run")
-    return _timed_mm_run(lambda: run(cfg), device)
+    return lambda: run(cfg)
 
 
 TINY_DETECTOR = {  # shrinks the Cascade Mask R-CNN heads for the CPU run (as the tests do)
@@ -230,9 +231,10 @@ TINY_DETECTOR = {  # shrinks the Cascade Mask R-CNN heads for the CPU run (as th
 
 
 def check_det(sizes: dict, device: torch.device, work: Path) -> dict:
-    missing = _stack_missing("mmdet")
-    if missing:
-        return {"status": "skipped", "reason": missing}
+    return _mm_section("mmdet", device, lambda: _det_run(sizes, work))
+
+
+def _det_run(sizes: dict, work: Path) -> Callable[[], object]:
     from moca_eval.detection import coco
     from moca_eval.detection.run import DetConfig, run
 
@@ -244,10 +246,15 @@ def check_det(sizes: dict, device: torch.device, work: Path) -> dict:
     cfg = DetConfig(ckpt=random_checkpoint(work / "det.pth", sizes["arch"]), data=data, epochs=1,
                     batch_size=2, per_gpu_batch=2, warmup_iters=0, num_workers=0, num_preview=0,
                     work_dir=work / "det-run", **extra)
-    return _timed_mm_run(lambda: run(cfg), device)
+    return lambda: run(cfg)
 
 
-def _timed_mm_run(fn: Callable[[], object], device: torch.device) -> dict:
+def _mm_section(module: str, device: torch.device, build: Callable[[], Callable[[], object]]) -> dict:
+    """Skipped (with the import error) when ``module`` cannot be imported, else the timed run."""
+    missing = _stack_missing(module)
+    if missing:
+        return {"status": "skipped", "reason": missing}
+    fn = build()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
