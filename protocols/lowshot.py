@@ -154,11 +154,13 @@ class RunScore:
     sha256: str
     converged: bool = True
     selection: dict | None = None  # cross-validation details when lambda was selected
+    fit: dict | None = None  # final objective, certified gap, passes (LogRegModel.fit_record)
 
     def as_json(self) -> dict:
         out = {**self.setting.as_json(), "split": self.split, "top1": round(self.top1, 4),
                "n_train": self.n_train, "lambd": self.lambd, "file": self.file,
-               "sha256": self.sha256, "converged": self.converged}
+               "sha256": self.sha256, "converged": self.converged,
+               **({"fit": self.fit} if self.fit else {})}
         return {**out, "lambda_selection": self.selection} if self.selection else out
 
 
@@ -227,7 +229,8 @@ def evaluate_splits(
         for lambd in todo:
             model = fit_logreg(x, y, lambd=lambd, **fit_kw)
             score = RunScore(sf.setting, sf.split, lambd, top1_accuracy(model, xv, val_y),
-                             len(rows), sf.relpath, sf.sha256, model.converged, selection)
+                             len(rows), sf.relpath, sf.sha256, model.converged, selection,
+                             model.fit_record())
             log.info("%s split %d lambda %g: top-1 %.2f (%d train images)", sf.setting.name,
                      sf.split, lambd, score.top1, len(rows))
             out.append(score)

@@ -10,12 +10,7 @@ import numpy as np
 
 from moca_eval.data import ImageFolderIndex, eval_transform
 from moca_eval.features import check_feature_name, extract_features
-from moca_eval.protocols.lowshot_logreg import (
-    DEFAULT_MAX_ITER,
-    DEFAULT_TOL,
-    SKLEARN_MAX_ITER,
-    SKLEARN_TOL,
-)
+from moca_eval.protocols.lowshot_logreg import solver_defaults
 from moca_eval.protocols.splits import DatasetKeys, SplitFile, make_split_files
 from moca_eval.protocols.splits_dir import load_split_dir
 
@@ -96,9 +91,7 @@ def interpolation(cfg, recipe) -> str:
 
 def config_block(cfg, prep: Prepared, recipe, *, lambdas: tuple[float, ...], why: str) -> dict:
     """Every choice that affects the numbers (the record's ``config``)."""
-    sk = cfg.solver == "sklearn"
-    tol = SKLEARN_TOL if sk else DEFAULT_TOL
-    max_iter = SKLEARN_MAX_ITER if sk else DEFAULT_MAX_ITER
+    library, tol, max_iter = solver_defaults(cfg.solver)
     files = {sf.relpath: {**sf.setting.as_json(), "split": sf.split, "images": len(sf.keys),
                           "sha256": sf.sha256, **({"short": sf.short} if sf.short else {})}
              for sf in prep.files}
@@ -114,7 +107,7 @@ def config_block(cfg, prep: Prepared, recipe, *, lambdas: tuple[float, ...], why
                    "allow_short": cfg.allow_short,
                    "short_classes": sum(len(sf.short) for sf in prep.files),
                    "warnings": prep.warnings, "files": files},
-        "classifier": {"library": "sklearn" if cfg.solver == "sklearn" else "cyanure",
+        "classifier": {"library": library,
                        "loss": "multiclass-logistic", "penalty": "l2", "fit_intercept": False,
                        "solver": cfg.solver, "dtype": cfg.dtype, "tol": cfg.tol or tol,
                        "max_iter": cfg.max_iter or max_iter, "lambdas": list(lambdas),

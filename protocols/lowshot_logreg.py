@@ -8,6 +8,15 @@ with no intercept. MSN/MOCA set ``lambda_1 = lambd / N`` (``per_sample=True``), 
 scikit-learn's ``LogisticRegression(C=1/lambd, fit_intercept=False)``; iBOT passes ``lambd``
 to cyanure unchanged (``per_sample=False``).
 
+Stopping is independent of the scale of F. cyanure's own ``tol`` is a duality gap relative to
+F(W); with strong regularisation (iBOT: lambda_1 = 0.1, 1000 classes x 2 shots) the whole
+possible decrease F(0) - F* = 1.5e-3 is far below 1e-3 F(0), so it stopped after 5 passes,
+2 points short. Here every solver stops on a certified gap ``F(W) - lower bound on F*`` at
+most ``tol * min(F(W), F(0) - F(W))`` (:func:`stop_scale`), where the lower bound is the best
+of ``F(W) - ||grad F(W)||^2 / (2 lambda_1)`` (strong convexity) and cyanure's dual value;
+cyanure is restarted warm with a tighter tolerance until that holds. The fitted model
+records the final objective, gap and passes.
+
 Two cyanure 1.2 pitfalls are handled here rather than left to callers:
 - ``Classifier.predict`` maps labels back wrongly when they do not start at 0, and the
   fitted columns follow ``np.unique(y)``: labels are re-indexed and prediction is done here.
@@ -15,60 +24,75 @@ Two cyanure 1.2 pitfalls are handled here rather than left to callers:
   ``multiclass-logistic``; the two-class multinomial problem is solved exactly as a binary
   logistic problem on ``v = w_1 - w_0`` with half the regularisation (``W = [-v/2, v/2]``).
 
-cyanure runs in a separate (spawned) worker process, never in the caller's. Its bundled
-OpenBLAS/OpenMP, once it has run with more than one thread, corrupts PyTorch's later bf16
-CPU kernels in the same process (seen with torch 2.14 on an AVX512-BF16 CPU: garbage and
-NaN from autocast matmuls), and it prints C++ warnings to stdout; the worker keeps both out.
+cyanure runs in a spawned worker process (:mod:`moca_eval.protocols.lowshot_cyanure`).
+``solver='torch'`` is full-batch L-BFGS in float64 on a GPU when there is one
+(:mod:`moca_eval.protocols.lowshot_torch`), the default when torch sees CUDA;
+``solver='sklearn'`` is scikit-learn's float64 L-BFGS (the reference of tests and benches).
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
-import multiprocessing
-import os
+import math
 import warnings
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy.special import logsumexp
+from scipy.special import logsumexp, softmax
 
 from moca_eval.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-Solver = Literal[
-    "auto", "catalyst-miso", "qning-miso", "miso", "svrg", "catalyst-svrg", "qning-svrg",
-    "acc-svrg", "ista", "fista", "catalyst-ista", "qning-ista", "sklearn",
-]
 CYANURE_SOLVERS: tuple[str, ...] = (
     "auto", "catalyst-miso", "qning-miso", "miso", "svrg", "catalyst-svrg", "qning-svrg",
     "acc-svrg", "ista", "fista", "catalyst-ista", "qning-ista",
 )
-SOLVERS: tuple[str, ...] = (*CYANURE_SOLVERS, "sklearn")
+SOLVERS: tuple[str, ...] = (*CYANURE_SOLVERS, "sklearn", "torch")
 DType = Literal["float32", "float64"]
 
-# Chosen with bench/bench_lowshot.py (table and reasoning in BENCHMARKS.md): the fastest
-# cyanure setting that reached the converged float64 scikit-learn objective within 1e-3
-# (relative) and its top-1 within 0.2 points at both lambda 0.1 and 2.5e-4 (1000 classes x 5
-# shots, 768-d). 'auto' resolves to catalyst-miso at lambda 0.1 and to qning-miso at 2.5e-4;
-# tol 1e-3 is MSN's and was 40% faster than 1e-4 at 2.5e-4 for the same accuracy. float32 is
-# NOT safe: its duality gap is wrong, so it stops early (-23 points at lambda 0.1).
-DEFAULT_SOLVER: str = "auto"
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return torch.cuda.is_available()
+
+
+# cyanure settings chosen with bench/bench_lowshot.py (BENCHMARKS.md): 'auto' resolves to
+# catalyst-miso at lambda 0.1 and to qning-miso at 2.5e-4; float32 is NOT safe (its duality
+# gap is wrong, so it stops early: -23 points at lambda 0.1). With a GPU the torch solver.
+DEFAULT_SOLVER: str = "torch" if _cuda_available() else "auto"
 DEFAULT_DTYPE: DType = "float64"
+# every solver but sklearn: certified gap <= tol * min(F(W), F(0) - F(W)) (module docstring)
 DEFAULT_TOL: float = 1e-3
-DEFAULT_MAX_ITER: int = 500
-# The float64 L-BFGS fallback: a gradient tolerance, so much tighter (the bench reference).
+DEFAULT_MAX_ITER: int = 300  # cyanure passes (MSN's); then the torch solver takes over
+# L-BFGS makes tightening cheap (+30% passes from 1e-3 to 1e-6 on the tests' problems)
+TORCH_TOL: float = 1e-6
+TORCH_MAX_ITER: int = 2000
+# The float64 L-BFGS reference: a gradient tolerance, so much tighter.
 SKLEARN_TOL: float = 1e-8
 SKLEARN_MAX_ITER: int = 5000
 
 
+def solver_defaults(solver: str) -> tuple[str, float, int]:
+    """``(library, default tol, default max_iter)`` of a solver name."""
+    if solver == "sklearn":
+        return "sklearn", SKLEARN_TOL, SKLEARN_MAX_ITER
+    if solver == "torch":
+        return "torch", TORCH_TOL, TORCH_MAX_ITER
+    return "cyanure", DEFAULT_TOL, DEFAULT_MAX_ITER
+
+
 @dataclass(frozen=True)
 class LogRegModel:
-    """A fitted linear classifier: ``scores = x @ weights``; column j predicts ``classes[j]``."""
+    """A fitted linear classifier: ``scores = x @ weights``; column j predicts ``classes[j]``.
+
+    ``objective`` is F(W) in float64, ``gap`` the certified bound on ``F(W) - F*`` and
+    ``n_iter`` the passes over the data (sklearn: L-BFGS iterations).
+    """
 
     weights: np.ndarray
     classes: np.ndarray
@@ -76,6 +100,8 @@ class LogRegModel:
     solver: str
     n_iter: int
     converged: bool
+    objective: float = math.nan
+    gap: float = math.nan
 
     def decision_function(self, x: np.ndarray) -> np.ndarray:
         """Class scores ``[N, K]``."""
@@ -84,6 +110,11 @@ class LogRegModel:
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predicted labels (values of ``classes``)."""
         return self.classes[np.argmax(self.decision_function(x), axis=1)]
+
+    def fit_record(self) -> dict:
+        """What the result JSON stores about the optimisation."""
+        return {"objective": self.objective, "gap": self.gap, "passes": self.n_iter,
+                "solver": self.solver}
 
 
 def preprocess_features(x: np.ndarray, *, center: bool = True) -> np.ndarray:
@@ -113,9 +144,33 @@ def lambda_1_for(lambd: float, n: int, *, per_sample: bool = True) -> float:
 
 def logreg_objective(x: np.ndarray, y: np.ndarray, weights: np.ndarray, lambda_1: float) -> float:
     """The objective F(W) above in float64; ``y`` holds column indices into ``weights``."""
-    scores = np.asarray(x, np.float64) @ np.asarray(weights, np.float64)
-    data = np.mean(logsumexp(scores, axis=1) - scores[np.arange(len(y)), y])
-    return float(data + 0.5 * lambda_1 * np.sum(np.square(weights, dtype=np.float64)))
+    return objective_and_gap(x, y, weights, lambda_1)[0]
+
+
+def objective_and_gap(x: np.ndarray, y: np.ndarray, weights: np.ndarray, lambda_1: float, *,
+                      lower_bound: float = -math.inf) -> tuple[float, float]:
+    """``(F(W), gap)`` in float64: ``gap = min(|grad F(W)|^2 / (2 lambda_1), F(W) - lower_bound)``,
+    a certified upper bound on ``F(W) - F*`` (F is lambda_1-strongly convex)."""
+    x64, w64 = np.asarray(x, np.float64), np.asarray(weights, np.float64)
+    scores = x64 @ w64
+    rows = np.arange(len(y))
+    f = float(np.mean(logsumexp(scores, axis=1) - scores[rows, y])
+              + 0.5 * lambda_1 * np.sum(np.square(w64)))
+    residual = softmax(scores, axis=1)
+    residual[rows, y] -= 1.0
+    grad = x64.T @ residual / len(y) + lambda_1 * w64
+    # max(0, .): a dual value can exceed F(W) by rounding once converged
+    return f, max(0.0, min(float(np.sum(np.square(grad))) / (2.0 * lambda_1), f - lower_bound))
+
+
+def stop_scale(objective: float, f0: float) -> float:
+    """The scale a gap is compared with: ``min(F(W), F(0) - F(W))``.
+
+    ``F(W)`` alone (cyanure's relative gap) is meaningless when regularisation is strong and
+    all of F lies in the constant ``F(0) = log K``; ``F(0) - F(W)`` alone is loose when it is
+    weak (F* near 0). The smaller of the two is meaningful in both regimes.
+    """
+    return max(min(objective, f0 - objective), 0.0)
 
 
 def fit_logreg(
@@ -130,6 +185,7 @@ def fit_logreg(
     max_iter: int | None = None,
     n_threads: int = -1,
     seed: int = 0,
+    device: str | None = None,
 ) -> LogRegModel:
     """Fit the multinomial logistic regression on preprocessed features ``x`` [N, D].
 
@@ -137,14 +193,16 @@ def fit_logreg(
         x: training features (already passed through :func:`preprocess_features`).
         y: integer labels [N]; any values, the model maps its columns back to them.
         lambd: regularisation; ``lambda_1 = lambd / N`` unless ``per_sample`` is False.
-        solver: a cyanure solver name, or ``"sklearn"`` (float64 L-BFGS fallback).
-        dtype: float type the cyanure solver works in (sklearn always uses float64).
-        tol: cyanure's relative duality-gap tolerance (default ``DEFAULT_TOL``); for sklearn
-            L-BFGS's gradient tolerance (default ``SKLEARN_TOL``).
-        max_iter: passes over the data (cyanure, default ``DEFAULT_MAX_ITER``) or L-BFGS
-            iterations (sklearn, default ``SKLEARN_MAX_ITER``).
+        solver: a cyanure solver name, ``"torch"`` (float64 L-BFGS on the GPU when there is
+            one) or ``"sklearn"`` (float64 L-BFGS, the reference).
+        dtype: float type the cyanure solver works in (torch and sklearn use float64).
+        tol: stop once the certified gap is at most ``tol * min(F(W), F(0) - F(W))``
+            (default ``DEFAULT_TOL``, torch ``TORCH_TOL``); for sklearn L-BFGS's gradient
+            tolerance (``SKLEARN_TOL``).
+        max_iter: passes over the data (cyanure, torch) or L-BFGS iterations (sklearn).
         n_threads: cyanure threads, -1 for all cores.
         seed: cyanure's random seed (stochastic solvers).
+        device: torch device of the torch solver (default: CUDA when available).
     """
     if solver not in SOLVERS:
         raise ConfigError(f"unknown solver {solver!r} (known: {', '.join(SOLVERS)})")
@@ -152,92 +210,63 @@ def fit_logreg(
     if len(classes) < 2:
         raise ConfigError(f"logistic regression needs at least 2 classes, got {len(classes)}")
     lam1 = lambda_1_for(lambd, len(yi), per_sample=per_sample)
-    binary = len(classes) == 2
-    # two classes: a binary problem on v = w1 - w0 whose regulariser is lambda_1 / 2
-    lam_fit = lam1 / 2 if binary else lam1
-    target = np.where(yi == 1, 1, -1) if binary else yi
-    if solver == "sklearn":
-        tol, max_iter = tol or SKLEARN_TOL, max_iter or SKLEARN_MAX_ITER
-        w, n_iter, converged = _fit_sklearn(x, target, lam_fit, tol=tol, max_iter=max_iter)
+    _, default_tol, default_max_iter = solver_defaults(solver)
+    tol, max_iter = tol or default_tol, max_iter or default_max_iter
+    lower_bound = -math.inf
+    if solver == "torch":
+        from moca_eval.protocols.lowshot_torch import fit_torch
+
+        fit = fit_torch(x, yi, lam1, n_classes=len(classes), tol=tol, max_iter=max_iter,
+                        device=device)
+        w, n_iter, converged = fit.weights, fit.passes, fit.converged
+    elif solver == "sklearn":
+        w, n_iter, converged = _fit_sklearn(x, yi, lam1, tol=tol, max_iter=max_iter)
     else:
-        tol, max_iter = tol or DEFAULT_TOL, max_iter or DEFAULT_MAX_ITER
-        w, n_iter, converged = _fit_cyanure(
-            x=np.ascontiguousarray(x, dtype=np.dtype(dtype)), target=target, lambda_1=lam_fit,
-            binary=binary, solver=solver, tol=tol, max_iter=max_iter, n_threads=n_threads, seed=seed,
-        )
-    if binary:
-        v = w.reshape(-1)
-        w = np.stack([-v / 2, v / 2], axis=1)
+        from moca_eval.protocols.lowshot_cyanure import fit_cyanure
+
+        w, n_iter, converged, lower_bound = fit_cyanure(
+            x, yi, lam1, solver=solver, dtype=dtype, tol=tol, max_iter=max_iter,
+            n_threads=n_threads, seed=seed)
+        if not converged:  # e.g. 'auto' float64 stalled at F = 3.06 on 250 classes x 1 shot
+            from moca_eval.protocols.lowshot_torch import fit_torch
+
+            log.warning("cyanure (%s) did not reach the gap in %d passes; refitting with the torch "
+                        "solver", solver, n_iter)
+            fit = fit_torch(x, yi, lam1, n_classes=len(classes), tol=tol,
+                            max_iter=TORCH_MAX_ITER, device=device)
+            w, n_iter, converged = fit.weights, n_iter + fit.passes, fit.converged
+            solver, lower_bound = f"{solver}+torch", -math.inf
+    objective, gap = objective_and_gap(x, yi, w, lam1, lower_bound=lower_bound)
     if not converged:
-        log.warning("logistic regression (%s) stopped at max_iter=%d before tol=%g",
-                    solver, max_iter, tol)
+        log.warning("logistic regression (%s) stopped at max_iter=%d before tol=%g (gap %.3g)",
+                    solver, max_iter, tol, gap)
     return LogRegModel(weights=np.ascontiguousarray(w), classes=classes, lambda_1=lam1,
-                       solver=solver, n_iter=n_iter, converged=converged)
-
-
-_worker: ProcessPoolExecutor | None = None
-
-
-def _silence_stdout() -> None:
-    """Worker initialiser: cyanure's C++ warnings go to /dev/null, not the caller's stdout."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-
-
-def _cyanure_worker() -> ProcessPoolExecutor:
-    """The one spawned process that runs every cyanure fit of this process (see the docstring)."""
-    global _worker
-    if _worker is None:
-        _worker = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=_silence_stdout)
-        atexit.register(_worker.shutdown, cancel_futures=True)
-    return _worker
-
-
-def _fit_cyanure(**kwargs) -> tuple[np.ndarray, int, bool]:
-    """:func:`_fit_cyanure_here` in the worker process."""
-    global _worker
-    try:
-        return _cyanure_worker().submit(_fit_cyanure_here, **kwargs).result()
-    except BrokenProcessPool as err:
-        _worker = None
-        raise RuntimeError(f"the cyanure worker process died ({err}); "
-                           "rerun with --solver sklearn to avoid cyanure") from None
-
-
-def _fit_cyanure_here(
-    x: np.ndarray, target: np.ndarray, lambda_1: float, *, binary: bool, solver: str,
-    tol: float, max_iter: int, n_threads: int, seed: int,
-) -> tuple[np.ndarray, int, bool]:
-    from cyanure.estimators import Classifier
-
-    clf = Classifier(
-        loss="logistic" if binary else "multiclass-logistic", penalty="l2", fit_intercept=False,
-        lambda_1=lambda_1, solver=solver, tol=tol, max_iter=max_iter, verbose=False,
-        n_threads=n_threads, random_state=seed, multi_class="auto",
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # max_iter warnings: reported through `converged`
-        clf.fit(x, target)
-    n_iter = int(np.max(clf.n_iter_))
-    w = np.asarray(clf.coef_).reshape(x.shape[1], -1)
-    return w, n_iter, n_iter < max_iter
+                       solver=solver, n_iter=n_iter, converged=converged, objective=objective,
+                       gap=gap)
 
 
 def _fit_sklearn(
-    x: np.ndarray, target: np.ndarray, lambda_1: float, *, tol: float, max_iter: int,
+    x: np.ndarray, yi: np.ndarray, lambda_1: float, *, tol: float, max_iter: int,
 ) -> tuple[np.ndarray, int, bool]:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
+    binary = yi.max() == 1
+    # two classes: sklearn fits one vector v = w1 - w0, whose regulariser is lambda_1 / 2
+    lam_fit = lambda_1 / 2 if binary else lambda_1
     # float64 always: L-BFGS in float32 stops after a few iterations on these problems
     x64 = np.asarray(x, dtype=np.float64)
-    clf = LogisticRegression(C=1.0 / (lambda_1 * len(target)), l1_ratio=0.0,
+    clf = LogisticRegression(C=1.0 / (lam_fit * len(yi)), l1_ratio=0.0,
                              fit_intercept=False, solver="lbfgs", tol=tol, max_iter=max_iter)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(x64, target)
+        clf.fit(x64, np.where(yi == 1, 1, -1) if binary else yi)
     n_iter = int(np.max(clf.n_iter_))
-    return clf.coef_.T.copy(), n_iter, n_iter < max_iter
+    w = clf.coef_.T.copy()
+    if binary:
+        v = w.reshape(-1)
+        w = np.stack([-v / 2, v / 2], axis=1)
+    return w, n_iter, n_iter < max_iter
 
 
 def top1_accuracy(model: LogRegModel, x: np.ndarray, y: np.ndarray) -> float:

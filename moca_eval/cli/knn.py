@@ -20,7 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--feature", help="feature variant (default: the checkpoint family's: avg for "
                    "MOCA, cls for the others)")
     p.add_argument("--faiss-gpu", dest="use_gpu", action=argparse.BooleanOptionalAction,
-                   default=None, help="force the FAISS GPU/CPU index (default: GPU when visible)")
+                   default=None, help="force the FAISS GPU/CPU search (default: GPU when visible)")
+    p.add_argument("--index-dtype", default="float32", choices=["float32", "float16"],
+                   help="precision the normalised train features are searched in (float16: "
+                   "half the memory; accuracy impact in BENCHMARKS.md)")
     common.add_runtime_args(p)
     common.add_output_arg(p)
     p.set_defaults(func=run)
@@ -31,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = knn.KnnConfig(job=common.feature_job(args), ks=tuple(args.ks),
                         temperatures=tuple(args.temperatures), feature=args.feature,
-                        use_gpu=args.use_gpu)
+                        use_gpu=args.use_gpu, index_dtype=args.index_dtype)
     result = knn.run(cfg)
     rows = [{"k": s.k, "T": s.temperature, "top1": s.top1, "top5": s.top5} for s in result.scores]
     ckpt = result.record.checkpoint

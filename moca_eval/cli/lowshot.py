@@ -19,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         SKLEARN_MAX_ITER,
         SKLEARN_TOL,
         SOLVERS,
+        TORCH_MAX_ITER,
+        TORCH_TOL,
     )
 
     p = sub.add_parser(
@@ -50,16 +52,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "per split by cross-validation on that split's training images (never val)")
     g.add_argument("--cv-folds", type=int, default=5, help="folds of --select-lambda (default 5)")
     g.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS,
-                   help=f"cyanure solver (default {DEFAULT_SOLVER}); 'sklearn' = scikit-learn "
-                   "L-BFGS float64, the fallback when cyanure is unavailable or misbehaves")
+                   help=f"solver (default here: {DEFAULT_SOLVER}; 'torch' when CUDA is "
+                   "available, else cyanure 'auto'): a cyanure name, 'torch' = float64 "
+                   "L-BFGS on the GPU (or CPU), 'sklearn' = scikit-learn L-BFGS float64")
     g.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["float32", "float64"],
                    help="cyanure precision (default %(default)s; float32 stops early with poor "
                    "accuracy: see BENCHMARKS.md)")
-    g.add_argument("--tol", type=float, help=f"cyanure relative duality gap (default "
-                   f"{DEFAULT_TOL:g}); with --solver sklearn the L-BFGS gradient tolerance "
-                   f"(default {SKLEARN_TOL:g})")
-    g.add_argument("--max-iter", type=int, help=f"passes over the data (default "
-                   f"{DEFAULT_MAX_ITER}; sklearn: iterations, default {SKLEARN_MAX_ITER})")
+    g.add_argument("--tol", type=float, help=f"stop when the certified gap is <= tol x "
+                   f"min(F(W), F(0) - F(W)) (default {DEFAULT_TOL:g}, torch {TORCH_TOL:g}); "
+                   f"with --solver sklearn the L-BFGS gradient tolerance (default {SKLEARN_TOL:g})")
+    g.add_argument("--max-iter", type=int, help=f"passes over the data (default cyanure "
+                   f"{DEFAULT_MAX_ITER}, torch {TORCH_MAX_ITER}; sklearn: iterations, default "
+                   f"{SKLEARN_MAX_ITER})")
     g.add_argument("--threads", type=int, default=-1, help="cyanure threads (-1: all cores)")
     g.add_argument("--train-features", default="splits", choices=["splits", "all"],
                    help="extract train features for the split images only (default) or for "
