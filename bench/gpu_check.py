@@ -212,7 +212,7 @@ def _seg_run(sizes: dict, work: Path) -> Callable[[], object]:
     tiny = sizes["arch"] == "tiny"
     data = cs.make_synthetic_cityscapes(work / "cityscapes", n_train=2, n_val=1,
                                         size=(128, 256) if tiny else (1024, 2048))
-    cfg = SegConfig(ckpt=random_checkpoint(work / "seg.pth", sizes["arch"]), data=data,
+    cfg = SegConfig(backbone=random_checkpoint(work / "seg.pth", sizes["arch"]), data=data,
                     mode="finetune", train_size="full", iters=1, batch_size=2,
                     crop_size=64 if tiny else 768, stride=48 if tiny else 512,
                     resize_scale=(256, 128) if tiny else (2048, 1024), num_workers=0,
@@ -243,7 +243,7 @@ def _det_run(sizes: dict, work: Path) -> Callable[[], object]:
                                     size=(160, 256) if tiny else (480, 640))
     extra = dict(train_short_sides=(64,), test_short_side=96, max_long_side=160,
                  cfg_options=TINY_DETECTOR) if tiny else {}
-    cfg = DetConfig(ckpt=random_checkpoint(work / "det.pth", sizes["arch"]), data=data, epochs=1,
+    cfg = DetConfig(backbone=random_checkpoint(work / "det.pth", sizes["arch"]), data=data, epochs=1,
                     batch_size=2, per_gpu_batch=2, warmup_iters=0, num_workers=0, num_preview=0,
                     work_dir=work / "det-run", **extra)
     return lambda: run(cfg)

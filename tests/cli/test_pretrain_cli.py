@@ -74,9 +74,9 @@ def test_demo_pretrains_then_compares_teacher_and_random_init_and_reruns_without
     result = json.loads((out / "knn.json").read_text())
     teacher, random_init = result["moca_teacher"], result["random_init"]
     assert teacher["checkpoint"]["path"] == str(out / "pretrain" / "teacher.pth")
-    assert (teacher["n_train"], teacher["n_val"]) == (400, 300)
-    assert [(r["k"], r["temperature"]) for r in teacher["results"]] == [(10, 0.07), (20, 0.07)]
-    assert teacher["results"] != random_init["results"]
+    assert (teacher["config"]["n_train"], teacher["config"]["n_val"]) == (400, 300)
+    assert [(r["k"], r["temperature"]) for r in teacher["metrics"]["rows"]] == [(10, 0.07), (20, 0.07)]
+    assert teacher["metrics"]["rows"] != random_init["metrics"]["rows"]
     # the random-init file holds the weights the run started from: epoch 0's first step used them
     start = load_backbone(out / "random-init.pth", img_size=64).model.state_dict()
     trained = load_backbone(out / "pretrain" / "teacher.pth", img_size=64).model.state_dict()
@@ -85,7 +85,8 @@ def test_demo_pretrains_then_compares_teacher_and_random_init_and_reruns_without
     log = (out / "pretrain" / "log.jsonl").read_text()
     assert main(["demo", "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
     assert (out / "pretrain" / "log.jsonl").read_text() == log  # finished run reused
-    assert json.loads((out / "knn.json").read_text())["moca_teacher"]["results"] == teacher["results"]
+    again = json.loads((out / "knn.json").read_text())["moca_teacher"]
+    assert again["metrics"]["rows"] == teacher["metrics"]["rows"]
 
 
 def test_resume_from_a_missing_checkpoint_file_is_exit_2(images, tmp_path, capsys):

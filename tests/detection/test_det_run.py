@@ -17,6 +17,7 @@ from moca_eval.checkpoints import load_backbone
 from moca_eval.cli import main
 from moca_eval.detection import coco
 from moca_eval.mm_utils import mmengine_checkpoints
+from moca_eval.record import validate_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: ~3x faster on 1 thread
 
@@ -46,7 +47,7 @@ TINY_DETECTOR = {
 def det_args(ckpt: Path, data: Path, work: Path, *extra: str) -> list[str]:
     """A 1-epoch CPU run on 64-96 px images: 2 iterations of batch 2."""
     return ["det", "--ckpt", str(ckpt), "--data", str(data), "--work-dir", str(work), "--epochs", "1",
-            "--batch-size", "2", "--train-sizes", "64", "96", "--test-size", "96", "--max-size", "160",
+            "--global-batch", "2", "--train-sizes", "64", "96", "--test-size", "96", "--max-size", "160",
             "--warmup-iters", "0", "--num-workers", "0", "--lr", "1e-3", *extra,
             "--cfg-options", *(f"{k}={v}" for k, v in TINY_DETECTOR.items())]
 
@@ -55,6 +56,10 @@ def mm_state(path: Path) -> dict[str, torch.Tensor]:
     with mmengine_checkpoints():
         return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
+
+
+def figures(record: dict, task: str) -> dict:
+    return record["metrics"]["values"][task]
 
 
 def check_figures(figures: dict) -> None:
@@ -69,12 +74,16 @@ def test_train_evaluate_reuse_resume_and_eval_only(det_checkpoint, tiny_coco, tm
     out = capsys.readouterr().out
     assert "AP box" in out and "APm" in out
     payload = json.loads((work / "results.json").read_text())
-    assert payload["protocol"] == "detection" and payload["epochs"] == 1 and not payload["eval_only"]
-    check_figures(payload["bbox"])
-    check_figures(payload["segm"])
-    assert payload["classes"] == list(coco.SYNTHETIC_CLASSES) and payload["n_train_images"] == 4
-    assert payload["checkpoint"]["format"] == "moca-full" and "packages" in payload["provenance"]
-    assert Path(payload["preview"]).is_file() and (work / "predictions" / "val.bbox.json").is_file()
+    validate_record(payload)
+    config = payload["config"]
+    assert payload["protocol"] == "det" and config["epochs"] == 1 and not config["eval_only"]
+    check_figures(figures(payload, "bbox"))
+    check_figures(figures(payload, "segm"))
+    assert payload["metrics"]["headline"]["value"] == figures(payload, "bbox")["AP"]
+    assert payload["dataset"]["classes"] == list(coco.SYNTHETIC_CLASSES)
+    assert payload["dataset"]["splits"]["train"] == 4
+    assert payload["checkpoint"]["layout"] == "moca-full" and "packages" in payload["provenance"]
+    assert Path(payload["config"]["preview"]).is_file() and (work / "predictions" / "val.bbox.json").is_file()
 
     weights = work / "epoch_1.pth"
     state = mm_state(weights)
@@ -87,13 +96,13 @@ def test_train_evaluate_reuse_resume_and_eval_only(det_checkpoint, tiny_coco, tm
     stamp = (work / "result.json").stat().st_mtime_ns
     assert main(det_args(det_checkpoint, tiny_coco, work)) == 0
     assert (work / "result.json").stat().st_mtime_ns == stamp
-    assert json.loads((work / "results.json").read_text())["bbox"] == payload["bbox"]
+    assert figures(json.loads((work / "results.json").read_text()), "bbox") == figures(payload, "bbox")
 
     # killed after the last checkpoint: --resume picks it up and evaluates the same weights
     (work / "result.json").unlink()
     assert main(det_args(det_checkpoint, tiny_coco, work, "--resume")) == 0
     resumed = json.loads((work / "results.json").read_text())
-    assert (resumed["bbox"], resumed["segm"]) == (payload["bbox"], payload["segm"])
+    assert resumed["metrics"]["values"] == payload["metrics"]["values"]
     assert torch.equal(mm_state(weights)["backbone.vit.blocks.0.attn.qkv.weight"],
                        state["backbone.vit.blocks.0.attn.qkv.weight"])
 
@@ -101,7 +110,7 @@ def test_train_evaluate_reuse_resume_and_eval_only(det_checkpoint, tiny_coco, tm
     evaluated = tmp_path / "eval"
     assert main(det_args(det_checkpoint, tiny_coco, evaluated, "--eval-only", "--weights", str(weights))) == 0
     only = json.loads((evaluated / "eval_results.json").read_text())
-    assert only["eval_only"] and (only["bbox"], only["segm"]) == (payload["bbox"], payload["segm"])
+    assert only["config"]["eval_only"] and only["metrics"]["values"] == payload["metrics"]["values"]
     assert not list(evaluated.glob("epoch_*.pth"))
 
 
@@ -121,7 +130,7 @@ def test_bad_inputs_are_one_line_errors(det_checkpoint, tiny_coco, tmp_path, cap
     assert "instances_val2017.json: 1 of 2 images named in it are not in" in error(data=broken)
     assert "--eval-only and --weights" in error("--eval-only")
     assert "no such weights file" in error("--eval-only", "--weights", str(tmp_path / "x.pth"))
-    assert "cannot be split" in error("--batch-size", "3")
+    assert "cannot be split" in error("--global-batch", "3")
     assert not (tmp_path / "w").exists()  # nothing started
     monkeypatch.setitem(sys.modules, "mmdet", None)  # as if not installed
     assert "run `python -m moca_eval.install_dense` first" in error()
@@ -132,15 +141,15 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(det_checkpoint, tiny_coco
     without device ids. Global batch 4 = 2 images x 2 processes, one step."""
     work = tmp_path / "ddp"
     args = det_args(det_checkpoint, tiny_coco, work)
-    args[args.index("--batch-size") + 1] = "4"
+    args[args.index("--global-batch") + 1] = "4"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.run([*launcher, "-m", "moca_eval", *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads((work / "results.json").read_text())
-    assert payload["provenance"]["world_size"] == 2
-    check_figures(payload["bbox"])
-    check_figures(payload["segm"])
+    assert payload["config"]["world_size"] == 2
+    check_figures(figures(payload, "bbox"))
+    check_figures(figures(payload, "segm"))
     state = mm_state(work / "epoch_1.pth")
     original = load_backbone(det_checkpoint, img_size=None).model.state_dict()
     qkv = "blocks.0.attn.qkv.weight"

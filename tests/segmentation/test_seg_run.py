@@ -19,6 +19,7 @@ from moca_eval.cli import main
 from moca_eval.errors import DatasetError
 from moca_eval.features import compute_features
 from moca_eval.mm_utils import mmengine_checkpoints
+from moca_eval.record import validate_record
 from moca_eval.segmentation import cityscapes as cs
 from moca_eval.segmentation.mm_modules import MocaEvalViT
 from moca_eval.segmentation.run import SegConfig, run
@@ -33,7 +34,7 @@ def cityscapes(tmp_path_factory) -> Path:
 
 
 def small(cfg_ckpt: Path, data: Path, work_dir: Path, **overrides) -> SegConfig:
-    base = dict(ckpt=cfg_ckpt, data=data, train_size="full", iters=3, batch_size=2, crop_size=CROP,
+    base = dict(backbone=cfg_ckpt, data=data, train_size="full", iters=3, batch_size=2, crop_size=CROP,
                 stride=48, resize_scale=(256, 128), num_workers=0, work_dir=work_dir)
     return SegConfig(**{**base, **overrides})
 
@@ -104,7 +105,10 @@ def test_linear_probe_keeps_the_backbone_and_reports_the_confusion_matrix_miou(
     out = capsys.readouterr().out
     assert "mIoU" in out and (work / "results.json").is_file() and (work / "results.png").is_file()
     payload = json.loads((work / "results.json").read_text())
-    assert payload["splits"][0]["miou"] == split["miou"] and payload["checkpoint"]["format"] == "moca-full"
+    assert payload["metrics"]["rows"][0]["miou"] == split["miou"]
+    assert payload["checkpoint"]["layout"] == "moca-full"
+    validate_record(payload)
+    assert payload["metrics"]["headline"]["value"] == split["miou"] and payload["protocol"] == "seg"
     assert (work / "linear-full" / "result.json").stat().st_mtime_ns == stamp
 
 
@@ -162,7 +166,7 @@ def test_two_processes_through_mmengines_launcher(tiny_checkpoint, cityscapes, t
     result = json.loads((work / "results.json").read_text())
     assert result["config"]["batch_size"] == 2 and done.stdout.count("per-class IoU chart") == 1
     miou, _ = confusion_miou(work / "linear-full" / "predictions", cityscapes)
-    assert result["splits"][0]["miou"] == pytest.approx(miou, abs=0.006)  # both val shards counted
+    assert result["metrics"]["rows"][0]["miou"] == pytest.approx(miou, abs=0.006)  # both val shards counted
 
 
 def test_prepare_command_writes_the_missing_train_id_maps(tmp_path, capsys):
