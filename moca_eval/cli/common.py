@@ -6,12 +6,14 @@ import argparse
 import os
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from moca_eval import distributed
 from moca_eval.errors import ConfigError
-from moca_eval.features import ExtractConfig
-from moca_eval.pipeline import BackboneConfig, DataConfig, FeatureJob
 from moca_eval.results import format_table, write_json_atomic
+
+if TYPE_CHECKING:  # torch-heavy: imported when a command runs, so `--help` stays fast
+    from moca_eval.features import ExtractConfig
+    from moca_eval.pipeline import BackboneConfig, DataConfig, FeatureJob
 
 
 def default_run_dir(protocol: str, ckpt: Path) -> Path:
@@ -78,27 +80,38 @@ def add_output_arg(p: argparse.ArgumentParser) -> None:
 
 def backbone_config(args: argparse.Namespace, **overrides: object) -> BackboneConfig:
     """The ``BackboneConfig`` of the checkpoint flags (every field has a flag of the same name)."""
+    from moca_eval.pipeline import BackboneConfig
+
     values = {f.name: getattr(args, f.name) for f in fields(BackboneConfig) if hasattr(args, f.name)}
     return BackboneConfig(**{**values, **overrides})
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:
+    from moca_eval.pipeline import DataConfig
+
     return DataConfig(root=args.data, train_split=args.train_split, val_split=args.val_split,
                       resize=args.resize, interpolation=args.interpolation)
 
 
 def extract_config(args: argparse.Namespace) -> ExtractConfig:
+    from moca_eval.features import ExtractConfig
+
     return ExtractConfig(batch_size=args.batch_size, num_workers=args.num_workers,
                          device=args.device, precision=args.precision,
                          cache_dir=None if args.no_cache else args.cache_dir, strict=args.strict)
 
 
 def feature_job(args: argparse.Namespace) -> FeatureJob:
+    from moca_eval import distributed
+    from moca_eval.pipeline import FeatureJob
+
     distributed.init_from_env(args.device)
     return FeatureJob(backbone_config(args), data_config(args), extract_config(args))
 
 
 def is_main_process() -> bool:
+    from moca_eval import distributed
+
     return distributed.current().is_main
 
 
