@@ -86,7 +86,7 @@ def test_linear_probe_keeps_the_backbone_and_reports_the_confusion_matrix_miou(
             "--resize-scale", "256", "128"]
     cfg = small(tiny_checkpoint, cityscapes, work, save_predictions=True, lr=0.05)
     result = run(cfg).to_dict()
-    split = result["splits"][0]
+    split = result["metrics"]["rows"][0]
     assert split["split"] == "full" and split["n_train"] == 6 and split["iters"] == 3
     miou, per_class = confusion_miou(work / "linear-full" / "predictions", cityscapes)
     assert split["miou"] == pytest.approx(miou, abs=0.006)  # mmseg rounds to 2 decimals
