@@ -162,11 +162,6 @@ def schema() -> dict[str, Any]:
     return json.loads(resources.files("moca_eval").joinpath(SCHEMA_FILE).read_text())
 
 
-def load_record(path: str | Path) -> dict[str, Any]:
-    """Read a record file (no validation beyond JSON)."""
-    return json.loads(Path(path).read_text())
-
-
 def validate_record(record: dict[str, Any]) -> None:
     """Raise ``jsonschema.ValidationError`` unless ``record`` fits the shipped schema (needs the
     ``jsonschema`` package, installed with the ``test`` extra)."""

@@ -48,8 +48,6 @@ def run(args: argparse.Namespace) -> int:
         warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, weight_decay=args.weight_decay,
         layer_decay=args.layer_decay, drop_path=args.drop_path, smoothing=args.smoothing, mixup=args.mixup,
         cutmix=args.cutmix, auto_augment=aa, reprob=args.reprob, global_pool=args.global_pool)
-    if args.recipe is not None:
-        finetune.FINETUNE_RECIPES.canonical(args.recipe)
     output_dir = args.output_dir or common.default_run_dir("finetune", args.ckpt)
     cfg = finetune.FinetuneConfig(job=common.feature_job(args), recipe=args.recipe, overrides=overrides,
                                   output_dir=output_dir,

@@ -52,8 +52,6 @@ def run(args: argparse.Namespace) -> int:
                      lr_grid=() if single else (tuple(args.lrs) if args.lrs else None),
                      features=tuple(args.features) if args.features else None,
                      warmup_epochs=args.warmup_epochs, head_norm=args.head_norm, optimizer=args.optimizer)
-    if args.recipe is not None:
-        linear.LINEAR_RECIPES.canonical(args.recipe)
     output_dir = args.output_dir or common.default_run_dir("linear", args.ckpt)
     cfg = linear.LinearConfig(job=common.feature_job(args), recipe=args.recipe, overrides=overrides,
                               mode=args.mode,

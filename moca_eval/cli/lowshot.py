@@ -77,8 +77,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace):
     from moca_eval.protocols import lowshot
 
-    if args.recipe is not None:
-        lowshot.LOWSHOT_RECIPES.canonical(args.recipe)
     job = common.feature_job(args)
     return lowshot.LowshotConfig(
         job=job, recipe=args.recipe, shots=tuple(args.shots), percents=tuple(args.percent),
