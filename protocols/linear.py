@@ -323,9 +323,10 @@ def run(cfg: LinearConfig) -> LinearResult:
     cfg = replace(cfg, recipe=recipe)
     _check_recipe(cfg)
     names = tuple(check_feature_name(n) for n in dict.fromkeys(recipe.features))
-    data = prepare_data(cfg, backbone, names, splits)
     micro = cfg.micro_batch or (cfg.job.extract.batch_size if cfg.mode == "augmented" else None)
     plan = runtime.make_plan(recipe.batch_size, micro, rt.dist.world_size)
+    training.steps_per_epoch(len(splits[0]), plan)  # the batch fits the data: checked before extraction
+    data = prepare_data(cfg, backbone, names, splits)
     steps = training.steps_per_epoch(len(data.train_rows), plan)
     torch.manual_seed(runtime.derive_seed(cfg.seed, 5))
     grid = HeadGrid(data.dims, recipe.head_lrs, data.num_classes, batch_norm=recipe.head_norm == "bn",
