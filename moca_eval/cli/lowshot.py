@@ -11,16 +11,7 @@ COLUMNS = ["setting", "lambda", "split 1", "split 2", "split 3", "mean", "std", 
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from moca_eval.protocols.lowshot_settings import (
-        DEFAULT_DTYPE,
-        DEFAULT_MAX_ITER,
-        DEFAULT_TOL,
-        SKLEARN_MAX_ITER,
-        SKLEARN_TOL,
-        SOLVERS,
-        TORCH_MAX_ITER,
-        TORCH_TOL,
-    )
+    from moca_eval.protocols import lowshot_settings as defaults
 
     p = sub.add_parser(
         "lowshot", help="low-shot logistic regression (1/2/5-shot, 1%%) on frozen features",
@@ -50,19 +41,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--select-lambda", action="store_true", help="pick one of several --lambd "
                    "per split by cross-validation on that split's training images (never val)")
     g.add_argument("--cv-folds", type=int, default=5, help="folds of --select-lambda (default 5)")
-    g.add_argument("--solver", choices=SOLVERS,
+    g.add_argument("--solver", choices=defaults.SOLVERS,
                    help="solver (default: 'torch' when CUDA is available, else cyanure "
                    "'auto'): a cyanure name, 'torch' = float64 "
                    "L-BFGS on the GPU (or CPU), 'sklearn' = scikit-learn L-BFGS float64")
-    g.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["float32", "float64"],
+    g.add_argument("--dtype", default=defaults.DEFAULT_DTYPE, choices=["float32", "float64"],
                    help="cyanure precision (default %(default)s; float32 stops early with poor "
                    "accuracy: see BENCHMARKS.md)")
+    d = defaults
     g.add_argument("--tol", type=float, help=f"stop when the certified gap is <= tol x "
-                   f"min(F(W), F(0) - F(W)) (default {DEFAULT_TOL:g}, torch {TORCH_TOL:g}); "
-                   f"with --solver sklearn the L-BFGS gradient tolerance (default {SKLEARN_TOL:g})")
+                   f"min(F(W), F(0) - F(W)) (default {d.DEFAULT_TOL:g}, torch {d.TORCH_TOL:g}); "
+                   f"with --solver sklearn the L-BFGS gradient tolerance (default {d.SKLEARN_TOL:g})")
     g.add_argument("--max-iter", type=int, help=f"passes over the data (default cyanure "
-                   f"{DEFAULT_MAX_ITER}, torch {TORCH_MAX_ITER}; sklearn: iterations, default "
-                   f"{SKLEARN_MAX_ITER})")
+                   f"{d.DEFAULT_MAX_ITER}, torch {d.TORCH_MAX_ITER}; sklearn: iterations, default "
+                   f"{d.SKLEARN_MAX_ITER})")
     g.add_argument("--threads", type=int, default=-1, help="cyanure threads (-1: all cores)")
     g.add_argument("--train-features", default="splits", choices=["splits", "all"],
                    help="extract train features for the split images only (default) or for "
