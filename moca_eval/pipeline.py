@@ -25,6 +25,7 @@ class BackboneConfig:
     img_size: int | None = 224  # None: the checkpoint's own resolution
     num_heads: int | None = None
     family: str | None = None  # None: the layout's (first) family
+    allow_nonfinite: bool = False  # evaluate NaN/inf weights (reported) instead of refusing
 
     def load(self, **overrides: object) -> LoadedBackbone:
         """``load_backbone`` with these settings (``overrides`` replace fields, e.g. img_size)."""

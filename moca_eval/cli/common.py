@@ -47,6 +47,8 @@ def add_backbone_args(p: argparse.ArgumentParser, *, ckpt_required: bool = True,
     g.add_argument("--family", help="who trained the checkpoint (moca, dino, ibot, mae, msn, mocov3, "
                    "dinov2, timm): decides every default; needed only for layouts several families "
                    "share (see `moca-eval recipes`)")
+    g.add_argument("--allow-nonfinite", action="store_true", help="evaluate weights holding NaN or "
+                   "inf (listed in a warning) instead of refusing the checkpoint")
     if img_size:
         g.add_argument("--img-size", type=int, default=224, help="evaluation resolution (default 224)")
 
