@@ -70,6 +70,11 @@ def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    try:  # safetensors reports an unreadable file as missing
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot open the checkpoint ({err.strerror or err})") from None
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     try:

@@ -76,7 +76,7 @@ def scan_image_folder(root: str | Path, *, classes: Sequence[str] | None = None)
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such directory (expected <split>/<class>/<image> folders)")
-    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    found = sorted(e.name for e in _entries(root) if e.is_dir() and not e.name.startswith("."))
     if not found:
         raise DatasetError(f"{root}: no class folders (expected {root}/<class>/<image>)")
     class_list = list(classes) if classes is not None else found
@@ -86,11 +86,31 @@ def scan_image_folder(root: str | Path, *, classes: Sequence[str] | None = None)
         raise DatasetError(f"{root}: class folder(s) not in the training classes: {', '.join(unknown[:5])}")
     samples: list[tuple[Path, int]] = []
     for name in found:
-        files = sorted(e.name for e in os.scandir(root / name) if e.is_file() and is_image(e.name))
+        files = sorted(e.name for e in _entries(root / name) if e.is_file() and is_image(e.name))
         if not files:
             raise DatasetError(f"{root / name}: empty class folder (no {'/'.join(IMG_EXTENSIONS)} files)")
         samples.extend((root / name / f, to_label[name]) for f in files)
     return ImageFolderIndex(root=root, classes=class_list, samples=samples)
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    """The entries of a dataset folder; an unreadable folder or a non-UTF-8 name is a DatasetError."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as err:
+        raise DatasetError(f"{folder}: cannot read the folder ({err.strerror or err})") from None
+    for entry in entries:
+        try:
+            entry.name.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes, kept by Python as lone surrogates
+            raw = os.fsencode(entry.name)
+            raise DatasetError(f"{_printable(folder)}: the name {raw!r} is not valid UTF-8 "
+                               "(rename it, e.g. with convmv)") from None
+    return entries
+
+
+def _printable(path: Path) -> str:
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def load_split(data_dir: str | Path, split: str, *, classes: Sequence[str] | None = None) -> ImageFolderIndex:
@@ -98,6 +118,9 @@ def load_split(data_dir: str | Path, split: str, *, classes: Sequence[str] | Non
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DatasetError(f"{data_dir}: no such dataset directory")
+    if Path(split).is_absolute() or ".." in Path(split).parts:
+        raise DatasetError(f"{data_dir}: split {split!r} leaves the dataset root (give the name of a "
+                           f"folder inside {data_dir})")
     split_dir = data_dir / split
     if not split_dir.is_dir():
         have = sorted(p.name for p in data_dir.iterdir() if p.is_dir())

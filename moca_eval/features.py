@@ -38,9 +38,20 @@ Precision = Literal["auto", "fp32", "bf16"]
 
 def check_feature_name(name: str) -> str:
     """Validate a feature name (any ``cls-lastN`` is accepted)."""
-    if name in FEATURES or _LAST_N.match(name):
+    m = _LAST_N.match(name)
+    if m and int(m.group(1)) < 1:
+        raise ConfigError(f"feature {name}: cls-lastN needs N >= 1 blocks")
+    if name in FEATURES or m:
         return name
     raise ConfigError(f"unknown feature {name!r}; known: {', '.join(FEATURES)} (or cls-lastN)")
+
+
+def check_feature_depth(names: Sequence[str], depth: int) -> None:
+    """A ``cls-lastN`` feature needs at least N blocks."""
+    if _last_n(names) > depth:
+        name = next(n for n in names if (m := _LAST_N.match(n)) and int(m.group(1)) > depth)
+        raise ConfigError(f"feature {name} needs the last {_last_n(names)} blocks; the checkpoint "
+                          f"has {depth}")
 
 
 def _last_n(names: Sequence[str]) -> int:
@@ -132,6 +143,7 @@ def extract_features(
     complete, identically ordered result.
     """
     names = [check_feature_name(n) for n in dict.fromkeys(names)]
+    check_feature_depth(names, backbone.arch.depth)
     transform = transform or eval_transform(backbone.arch.img_size)
     precision = cfg.resolved_precision()
     keys = {n: cache_key(backbone, index, transform, n, precision) for n in names}
@@ -160,6 +172,9 @@ def _assemble(index: ImageFolderIndex, feats: dict[str, np.ndarray], present: np
         log.warning("skipped %d undecodable image(s) in %s: %s", len(skipped), index.root,
                     ", ".join(skipped[:10]))
     keep = np.flatnonzero(present)
+    if len(keep) == 0:
+        raise DatasetError(f"{index.root}: none of its {len(rel)} image(s) could be decoded "
+                           f"(e.g. {', '.join(rel[:3])})")
     return FeatureSet(
         features={n: np.ascontiguousarray(v[keep]) for n, v in feats.items()},
         labels=np.asarray(index.labels, dtype=np.int64)[keep],
