@@ -39,15 +39,15 @@ SAFE_GLOBALS: list[Any] = [argparse.Namespace, *_numpy_globals()]
 
 
 def sha256_file(path: Path, *, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks (remembered per path, size and mtime in this process)."""
+    """Hex sha256 of a file, read in chunks (remembered per path, size and times in this process)."""
     stat = os.stat(path)
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if key not in _SHA256:
         _SHA256[key] = _sha256(path, chunk)
     return _SHA256[key]
 
 
-_SHA256: dict[tuple[str, int, int], str] = {}
+_SHA256: dict[tuple[str, int, int, int], str] = {}
 
 
 def _sha256(path: Path, chunk: int) -> str:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from moca_eval.checkpoint_io import sha256_file
 from moca_eval.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ class ImageFolderIndex:
     root: Path
     classes: list[str]
     samples: list[tuple[Path, int]]
-    _manifest: str | None = field(default=None, repr=False)
+    _manifests: dict[bool, str] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -42,19 +43,34 @@ class ImageFolderIndex:
         """Paths relative to the split root, as stable identifiers (``class/file``)."""
         return [str(path.relative_to(self.root)) for path, _ in self.samples]
 
-    def manifest_hash(self) -> str:
-        """sha256 over (relative path, label, size, mtime) of every image: the cache key."""
-        if self._manifest is None:
+    def manifest_hash(self, *, content: bool = False) -> str:
+        """sha256 over every image's (relative path, label, size, mtime, ctime): the cache key.
+
+        ``content``: over (relative path, label, sha256 of the bytes) instead, which finds any
+        change of any image whatever its times say, at the cost of reading every file.
+        """
+        if content not in self._manifests:
             digest = hashlib.sha256()
             for (path, label), rel in zip(self.samples, self.relpaths()):
-                stat = path.stat()
-                digest.update(f"{rel}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-            self._manifest = digest.hexdigest()
-        return self._manifest
+                digest.update(f"{rel}\t{label}\t{_identity(path, content=content)}\n".encode())
+            self._manifests[content] = digest.hexdigest()
+        return self._manifests[content]
 
     def subset(self, rows: Sequence[int]) -> ImageFolderIndex:
         """A new index holding only ``rows`` (in that order)."""
         return ImageFolderIndex(self.root, self.classes, [self.samples[i] for i in rows])
+
+
+def _identity(path: Path, *, content: bool) -> str:
+    """What the cache key knows of one image: its sha256, or its size and both times.
+
+    ``st_ctime`` is set by the kernel on every write and cannot be set back, so a file whose
+    content and mtime were replaced (``cp -p``, ``rsync -t``, ``tar x``) still changes it.
+    """
+    if content:
+        return sha256_file(path)
+    stat = path.stat()
+    return f"{stat.st_size}\t{stat.st_mtime_ns}\t{stat.st_ctime_ns}"
 
 
 def is_image(name: str) -> bool:

@@ -74,6 +74,10 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="feature cache directory (default: %(default)s)")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     g.add_argument("--strict", action="store_true", help="an undecodable image is an error")
+    g.add_argument("--verify-data", action="store_true", help="key the feature cache on the sha256 "
+                   "of every image (reads each file) instead of its size and times")
+    g.add_argument("--shard-images", type=int, default=8192, help="an extraction writes its "
+                   "progress every N images; a rerun after an interruption continues from there")
 
 
 def add_output_arg(p: argparse.ArgumentParser) -> None:
@@ -100,7 +104,8 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
 
     return ExtractConfig(batch_size=args.batch_size, num_workers=args.num_workers,
                          device=args.device, precision=args.precision,
-                         cache_dir=None if args.no_cache else args.cache_dir, strict=args.strict)
+                         cache_dir=None if args.no_cache else args.cache_dir, strict=args.strict,
+                         verify_data=args.verify_data, shard_images=args.shard_images)
 
 
 def feature_job(args: argparse.Namespace) -> FeatureJob:
