@@ -90,7 +90,7 @@ def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         first = re.split(r"(?<=\.)\s", first, maxsplit=1)[0]  # torch appends advice sentences
         if isinstance(err, (KeyError, IndexError)):  # torch's legacy reader fed non-pickle bytes
-            first = "neither a zip archive nor a pickle"
+            first = "neither a zip archive nor a complete pickle"
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {first}"
         ) from None
