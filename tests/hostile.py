@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -32,12 +33,16 @@ def snapshot(*roots: Path) -> dict[str, str]:
 
 
 def fails_with_one_line(argv: list[str], capsys: pytest.CaptureFixture) -> str:
-    """Run the CLI; it must exit 2 with exactly one ``moca-eval: error:`` line. Returns the message."""
+    """Run the CLI; it must exit 2 with exactly one ``moca-eval: error:`` line (besides progress
+    bars). Returns the message."""
     capsys.readouterr()
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
-    lines = err.splitlines()
+    lines = [ln for ln in err.splitlines() if ln.strip() and not _PROGRESS.match(ln)]  # tqdm bars
     assert len(lines) == 1, err
     assert lines[0].startswith("moca-eval: error: "), err
     return lines[0].removeprefix("moca-eval: error: ")
+
+
+_PROGRESS = re.compile(r"^features \S+: +\d+%\|")
