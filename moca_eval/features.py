@@ -55,6 +55,18 @@ def check_feature_depth(names: Sequence[str], depth: int) -> None:
                           f"has {depth}")
 
 
+def features_for_depth(names: Sequence[str], depth: int, *, requested: bool) -> tuple[str, ...]:
+    """``names`` a ``depth``-block model can give: a recipe's default ``cls-lastN`` deeper than the
+    model is dropped with a warning; one the user ``requested`` is a ConfigError."""
+    if requested:
+        check_feature_depth(names, depth)
+    kept = tuple(n for n in names if not ((m := _LAST_N.match(n)) and int(m.group(1)) > depth))
+    if len(kept) < len(names):
+        log.warning("the recipe's feature(s) %s need more than the %d block(s) of this checkpoint; "
+                    "evaluating %s", ", ".join(n for n in names if n not in kept), depth, ", ".join(kept))
+    return kept
+
+
 def _last_n(names: Sequence[str]) -> int:
     return max([int(m.group(1)) for n in names if (m := _LAST_N.match(n))], default=1)
 
