@@ -11,6 +11,7 @@ ordinary cache entries and the directory is removed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -98,7 +99,10 @@ class ShardStore:
         return True
 
     def remove(self) -> None:
+        """Delete this job's shards (and ``partial/`` when no other job is in progress)."""
         shutil.rmtree(self.dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.dir.parent.rmdir()
 
 
 def merge(shards: Sequence[Shard], names: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:

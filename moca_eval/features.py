@@ -3,7 +3,10 @@
 Variants (``FEATURES``): ``cls`` (final-LN CLS), ``avg`` (mean of final-LN patch tokens,
 registers excluded), ``cls+avg``, ``avg-prenorm`` / ``cls-prenorm`` (last block, no final LN),
 and ``cls-lastN`` (final-LN CLS of each of the last N blocks, concatenated, oldest first:
-DINO's linear-probe feature, N=4 for ViT-S).
+DINO's linear-probe feature, N=4 for ViT-S; N may not exceed the depth).
+
+With a cache directory, cached variants are not recomputed (``feature_cache``) and an
+extraction in progress is written in shards a rerun continues from (``feature_shards``).
 """
 
 from __future__ import annotations

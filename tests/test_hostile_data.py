@@ -366,3 +366,24 @@ def test_item19_extraction_killed_at_random_points_resumes_to_identical_features
     left = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*"))
     assert not any(p.endswith(".tmp") or p.startswith("partial/") for p in left), left
     assert len([p for p in left if p.endswith(".npz")]) == 1
+
+
+def test_item19_temp_files_of_a_killed_write_are_removed_by_the_rerun(data, tiny_checkpoint,
+                                                                     tmp_path) -> None:
+    from moca_eval.feature_shards import ShardStore
+
+    cache = tmp_path / "cache"
+    good = _features(tiny_checkpoint, data, cache)
+    entry = _only_entry(cache)
+    key = entry.stem
+    entry.unlink()  # the entry's write was killed: only its temp file and a shard's are left
+    (cache / f".{key}.npz.k1ll3d.tmp").write_bytes(b"half an npz")
+    partial = ShardStore(cache, {"cls": key}, rank=0, world_size=1).dir
+    partial.mkdir(parents=True)
+    (partial / ".shard-00000.npz.k1ll3d.tmp").write_bytes(b"half a shard")
+
+    again = _features(tiny_checkpoint, data, cache)
+
+    np.testing.assert_array_equal(again, good)
+    left = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*"))
+    assert left == [f"{key}.json", f"{key}.npz"]
