@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -32,12 +33,15 @@ def snapshot(*roots: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
-def fails_with_one_line(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+def fails_with_one_line(argv: list[str], capsys: pytest.CaptureFixture, *,
+                        intact: Sequence[Path] = ()) -> str:
     """Run the CLI; it must exit 2 with exactly one ``moca-eval: error:`` line (besides progress
-    bars). Returns the message."""
+    bars) and leave every file under ``intact`` as it was. Returns the message."""
+    before = snapshot(*intact)
     capsys.readouterr()
     code = main(argv)
     err = capsys.readouterr().err
+    assert snapshot(*intact) == before
     assert code == 2, err
     lines = [ln for ln in err.splitlines() if ln.strip() and not _PROGRESS.match(ln)]  # tqdm bars
     assert len(lines) == 1, err
