@@ -92,7 +92,7 @@ def scan_image_folder(root: str | Path, *, classes: Sequence[str] | None = None)
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such directory (expected <split>/<class>/<image> folders)")
-    found = sorted(e.name for e in _entries(root) if e.is_dir() and not e.name.startswith("."))
+    found = _names(root, lambda e: e.is_dir() and not e.name.startswith("."))
     if not found:
         raise DatasetError(f"{root}: no class folders (expected {root}/<class>/<image>)")
     class_list = list(classes) if classes is not None else found
@@ -102,27 +102,30 @@ def scan_image_folder(root: str | Path, *, classes: Sequence[str] | None = None)
         raise DatasetError(f"{root}: class folder(s) not in the training classes: {', '.join(unknown[:5])}")
     samples: list[tuple[Path, int]] = []
     for name in found:
-        files = sorted(e.name for e in _entries(root / name) if e.is_file() and is_image(e.name))
+        files = _names(root / name, lambda e: e.is_file() and is_image(e.name))
         if not files:
             raise DatasetError(f"{root / name}: empty class folder (no {'/'.join(IMG_EXTENSIONS)} files)")
         samples.extend((root / name / f, to_label[name]) for f in files)
     return ImageFolderIndex(root=root, classes=class_list, samples=samples)
 
 
-def _entries(folder: Path) -> list[os.DirEntry]:
-    """The entries of a dataset folder; an unreadable folder or a non-UTF-8 name is a DatasetError."""
+def _names(folder: Path, keep: Callable[[os.DirEntry], bool]) -> list[str]:
+    """Sorted names of the entries of ``folder`` that ``keep`` selects.
+
+    Raises:
+        DatasetError: the folder cannot be listed, or a selected name is not valid UTF-8.
+    """
     try:
-        entries = list(os.scandir(folder))
+        names = sorted(e.name for e in os.scandir(folder) if keep(e))
     except OSError as err:
         raise DatasetError(f"{folder}: cannot read the folder ({err.strerror or err})") from None
-    for entry in entries:
+    for name in names:
         try:
-            entry.name.encode("utf-8")
+            name.encode("utf-8")
         except UnicodeEncodeError:  # undecodable bytes, kept by Python as lone surrogates
-            raw = os.fsencode(entry.name)
-            raise DatasetError(f"{_printable(folder)}: the name {raw!r} is not valid UTF-8 "
-                               "(rename it, e.g. with convmv)") from None
-    return entries
+            raise DatasetError(f"{_printable(folder)}: the name {os.fsencode(name)!r} is not valid "
+                               "UTF-8 (rename it, e.g. with convmv)") from None
+    return names
 
 
 def _printable(path: Path) -> str:
