@@ -120,6 +120,10 @@ class ExtractConfig:
     verify_data: bool = False  # cache key over image contents (sha256), not sizes and times
     shard_images: int = 8192  # images per resumable shard of an extraction in progress
 
+    def __post_init__(self) -> None:
+        if self.shard_images < 1:
+            raise ConfigError(f"--shard-images must be >= 1, got {self.shard_images}")
+
     def resolved_device(self) -> torch.device:
         if self.device != "auto":
             return torch.device(self.device)
@@ -250,7 +254,7 @@ def _run_rows(backbone: LoadedBackbone, index: ImageFolderIndex, rows: Sequence[
         num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
         collate_fn=collate_skip_bad, persistent_workers=False,
     )
-    size = -(-max(cfg.shard_images, 1) // cfg.batch_size) * cfg.batch_size if store else len(rows)
+    size = -(-cfg.shard_images // cfg.batch_size) * cfg.batch_size if store else len(rows)
     shards: list[Shard] = []
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     done: list[torch.Tensor] = []

@@ -390,3 +390,10 @@ def test_item19_temp_files_of_a_killed_write_are_removed_by_the_rerun(data, tiny
     np.testing.assert_array_equal(again, good)
     left = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*"))
     assert left == [f"{key}.json", f"{key}.npz"]
+
+
+def test_item19_shard_images_below_1_refused(data, tiny_checkpoint, tmp_path, capsys) -> None:
+    argv = knn_args(tiny_checkpoint, data, tmp_path, "--shard-images", "0")
+    message = fails_with_one_line(argv, capsys, intact=(data, tiny_checkpoint))
+    assert message == "--shard-images must be >= 1, got 0"
+    assert not (tmp_path / "cache").exists()
