@@ -16,11 +16,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from moca_eval.checkpoint_io import sha256_file
+from moca_eval.checkpoint_io import read_checkpoint, sha256_file
 from moca_eval.detection import coco
 from moca_eval.errors import ConfigError
 from moca_eval.families import SHARED_RECIPES, announce, recipe_name
-from moca_eval.mm_utils import as_backbone_config
+from moca_eval.mm_utils import as_backbone_config, mmengine_checkpoints
 from moca_eval.pipeline import BackboneConfig
 from moca_eval.record import Clock, Record, checkpoint_block, dataset_block, metrics_block, recipe_block
 from moca_eval.runtime import fingerprint, make_plan, read_finished, write_finished
@@ -227,6 +227,9 @@ def run(cfg: DetConfig) -> DetResult:
     """Train (unless ``eval_only``) and evaluate; see the module docstring."""
     cfg = cfg.validate()
     require_stack()
+    if cfg.weights is not None:  # a refused pickle global is one line here, before mmengine reads it
+        with mmengine_checkpoints():
+            read_checkpoint(cfg.weights)
     from mmengine.dist import get_world_size, is_main_process
 
     from moca_eval.mm_utils import join_cpu_process_group

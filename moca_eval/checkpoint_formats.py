@@ -51,7 +51,14 @@ def _looks_like_vit(sd: Mapping[str, Any], prefix: str = "") -> bool:
 
 
 def _has_prefix(sd: Mapping[str, Any], prefix: str) -> bool:
-    return any(k.startswith(prefix) for k in sd)
+    return any(isinstance(k, str) and k.startswith(prefix) for k in sd)
+
+
+def check_keys(sd: Mapping[object, Any]) -> None:
+    """Every key of a state dict must be a string (a parameter name)."""
+    bad = next((k for k in sd if not isinstance(k, str)), None)
+    if bad is not None:
+        raise CheckpointError(f"key {bad!r} ({type(bad).__name__}) is not a string parameter name")
 
 
 def split_backbone(sd: Mapping[str, torch.Tensor], prefix: str, drops: tuple[str, ...]) -> Extracted:
@@ -60,6 +67,7 @@ def split_backbone(sd: Mapping[str, torch.Tensor], prefix: str, drops: tuple[str
     Drop patterns are ``fnmatch`` patterns on the full key (before stripping) and are
     also applied to backbone keys (e.g. ``head.*`` of a bare state dict).
     """
+    check_keys(sd)
     backbone: StateDict = {}
     dropped: list[str] = []
     stray: list[str] = []
@@ -241,6 +249,7 @@ def custom_key_extract(ckpt: Mapping[str, Any], key: str) -> Extracted:
     """``--checkpoint-key``: take ``ckpt[key]``, strip ``module.``/``backbone.``, drop heads."""
     if key not in ckpt or not isinstance(ckpt[key], Mapping):
         raise CheckpointError(f"no state dict under key {key!r}; top-level keys: {top_level_keys(ckpt)}")
+    check_keys(ckpt[key])
     sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in ckpt[key].items()}
     drops = (*HEAD_DROPS, "dino_head.*", "ibot_head.*", "mask_token", "masked_embed")
     return split_backbone(sd, "", drops)

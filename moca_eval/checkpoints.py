@@ -7,8 +7,8 @@ the tensors -> resize the position table to the eval resolution -> strict load.
 
 from __future__ import annotations
 
+import functools
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from moca_eval.checkpoint_checks import block_depth, check_tensors, require_shape, shape_problems
 from moca_eval.checkpoint_formats import (
     FORMATS,
     FORMATS_BY_NAME,
@@ -57,6 +58,7 @@ class LoadedBackbone:
     student: bool = False
     checkpoint_key: str | None = None
     family_choice: FamilyChoice | None = None  # how ``family`` was chosen
+    nonfinite: tuple[str, ...] = ()  # tensors holding NaN/inf (loaded with allow_nonfinite)
 
     def summary(self) -> str:
         """One line for logs: format, architecture, weights chosen."""
@@ -83,23 +85,25 @@ def detect_format(ckpt: Mapping[str, Any], *, path: Path) -> CheckpointFormat:
     )
 
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
-
-
 def infer_arch(sd: StateDict, *, num_heads: int | None = None) -> ArchSpec:
     """Architecture from tensor shapes (width, depth, patch, MLP, LayerScale, registers)."""
     absent = [k for k in ("patch_embed.proj.weight", "cls_token", "pos_embed") if k not in sd]
     if absent:
         sample = ", ".join(list(sd)[:5])
         raise CheckpointError(f"not a ViT backbone: no {', '.join(absent)} (keys: {sample} ...)")
-    proj = sd["patch_embed.proj.weight"]
-    embed_dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
-    depth = 1 + max((int(m.group(1)) for k in sd if (m := _BLOCK.match(k))), default=-1)
+    embed_dim, in_chans, patch, _ = require_shape(sd, "patch_embed.proj.weight", 4)
+    if in_chans != 3:
+        raise CheckpointError(f"patch_embed.proj.weight takes {in_chans} input channel(s); "
+                              "moca-eval feeds RGB images (3 channels)")
+    depth = block_depth(sd)
     if depth == 0 or "blocks.0.mlp.fc1.weight" not in sd:
         raise CheckpointError("unsupported ViT block layout: no blocks.N.mlp.fc1 (SwiGLU FFN?)")
-    reg_tokens = sd["reg_token"].shape[1] if "reg_token" in sd else 0
-    rows = sd["pos_embed"].shape[1] if "pos_embed" in sd else 0
+    reg_tokens = require_shape(sd, "reg_token", 3)[1] if "reg_token" in sd else 0
+    rows = require_shape(sd, "pos_embed", 3)[1]
     no_embed_class = reg_tokens > 0 or _is_square(rows)
+    if not _is_square(rows - (0 if no_embed_class else 1)):
+        raise CheckpointError(f"pos_embed has {rows} rows: neither a square grid of patches nor "
+                              "1 + a square grid")
     grid = round((rows - (0 if no_embed_class else 1)) ** 0.5)
     return ArchSpec(
         embed_dim=embed_dim,
@@ -107,7 +111,7 @@ def infer_arch(sd: StateDict, *, num_heads: int | None = None) -> ArchSpec:
         num_heads=num_heads or default_num_heads(embed_dim),
         patch_size=patch,
         img_size=grid * patch,
-        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+        mlp_ratio=require_shape(sd, "blocks.0.mlp.fc1.weight", 2)[0] / embed_dim,
         qkv_bias="blocks.0.attn.qkv.bias" in sd,
         init_values=1.0 if "blocks.0.ls1.gamma" in sd else None,
         reg_tokens=reg_tokens,
@@ -145,8 +149,12 @@ def load_backbone(
     img_size: int | None = 224,
     num_heads: int | None = None,
     family: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> LoadedBackbone:
     """Load the evaluation backbone (teacher by default) of any supported checkpoint.
+
+    Every key, tensor and shape is checked against the inferred architecture before any
+    model is built (``checkpoint_checks``): a malformed file costs no memory.
 
     Args:
         path: ``.pth``/``.pt``/``.safetensors`` file.
@@ -160,6 +168,7 @@ def load_backbone(
             cannot tell it); overrides the rule, the layout's hint and ``arch``.
         family: who trained the checkpoint (``FAMILIES``), for layouts several families
             share; it decides every protocol's defaults. None: the layout's first family.
+        allow_nonfinite: evaluate weights holding NaN/inf (reported) instead of refusing them.
     """
     path = Path(path)
     check_family_name(family)
@@ -167,17 +176,15 @@ def load_backbone(
     try:
         chosen, sd, dropped = _extract(ckpt, path=path, checkpoint_key=checkpoint_key, fmt=fmt,
                                        student=student)
+        nonfinite = check_tensors(sd, allow_nonfinite=allow_nonfinite)
         sd = normalize_vit_keys(sd)
-        hint = chosen.num_heads_hint(sd["cls_token"].shape[-1]) if (
-            chosen.num_heads_hint and "cls_token" in sd) else None
-        spec = resolve_arch(infer_arch(sd, num_heads=hint), arch, path=path)
+        spec = _checked_arch(sd, chosen, arch=arch, num_heads=num_heads, path=path)
     except CheckpointError as err:
         msg = str(err)
         raise CheckpointError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
-    if num_heads is not None:
-        if num_heads < 1 or spec.embed_dim % num_heads:
-            raise ConfigError(f"--num-heads {num_heads} does not divide the width {spec.embed_dim}")
-        spec = replace(spec, num_heads=num_heads)
+    if nonfinite:
+        log.warning("%s: %d tensor(s) hold NaN or inf values (--allow-nonfinite): %s", path,
+                    len(nonfinite), ", ".join(nonfinite[:10]))
     choice = choose_family(chosen.name, chosen.families, family)
     img_size = img_size or spec.img_size
     if img_size % spec.patch_size:
@@ -196,8 +203,37 @@ def load_backbone(
     return LoadedBackbone(
         model=model, format=chosen.name, family=choice.family, arch=spec, sha256=sha256_file(path),
         path=path, dropped=tuple(dropped), pos_embed="sincos" if sincos else "learned",
-        student=student, checkpoint_key=checkpoint_key, family_choice=choice,
+        student=student, checkpoint_key=checkpoint_key, family_choice=choice, nonfinite=nonfinite,
     )
+
+
+def _checked_arch(sd: StateDict, chosen: CheckpointFormat, *, arch: str | None,
+                  num_heads: int | None, path: Path) -> ArchSpec:
+    """The architecture of ``sd``, after checking every key and shape against it (no model built)."""
+    hint = chosen.num_heads_hint(sd["cls_token"].shape[-1]) if (
+        chosen.num_heads_hint and "cls_token" in sd) else None
+    spec = resolve_arch(infer_arch(sd, num_heads=hint), arch, path=path)
+    if num_heads is not None:
+        if num_heads < 1 or spec.embed_dim % num_heads:
+            raise ConfigError(f"--num-heads {num_heads} does not divide the width {spec.embed_dim}")
+        spec = replace(spec, num_heads=num_heads)
+    if spec.embed_dim % spec.num_heads:
+        divisors = [d for d in range(1, spec.embed_dim + 1) if spec.embed_dim % d == 0][:8]
+        raise CheckpointError(
+            f"width {spec.embed_dim} is not divisible by the {spec.num_heads} heads the default rule "
+            f"gives; pass --num-heads N (a divisor of {spec.embed_dim}: {', '.join(map(str, divisors))} ...)")
+    problems = shape_problems(_expected_shapes(spec), sd)
+    if problems:
+        raise CheckpointError(f"backbone does not match the architecture: {'; '.join(problems)}")
+    return spec
+
+
+@functools.lru_cache(maxsize=8)
+def _expected_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes of ``spec``'s ViT, from a model on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = build_vit(spec)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _extract(
@@ -228,18 +264,8 @@ def _extract(
 
 def strict_load(model: torch.nn.Module, sd: StateDict, *, path: Path) -> None:
     """Load ``sd`` into ``model``; any missing, unexpected or mis-shaped key is an error."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in sd and sd[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} backbone key(s): {', '.join(missing[:5])}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:5])}")
-    if wrong:
-        problems.append(f"wrong shapes (file vs model): {', '.join(wrong[:3])}")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = shape_problems(expected, sd)
     if problems:
         raise CheckpointError(f"{path}: backbone does not match the architecture: {'; '.join(problems)}")
     model.load_state_dict(sd, strict=True)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from moca_eval.checkpoint_io import sha256_file
 from moca_eval.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ class ImageFolderIndex:
     root: Path
     classes: list[str]
     samples: list[tuple[Path, int]]
-    _manifest: str | None = field(default=None, repr=False)
+    _manifests: dict[bool, str] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -42,19 +43,34 @@ class ImageFolderIndex:
         """Paths relative to the split root, as stable identifiers (``class/file``)."""
         return [str(path.relative_to(self.root)) for path, _ in self.samples]
 
-    def manifest_hash(self) -> str:
-        """sha256 over (relative path, label, size, mtime) of every image: the cache key."""
-        if self._manifest is None:
+    def manifest_hash(self, *, content: bool = False) -> str:
+        """sha256 over every image's (relative path, label, size, mtime, ctime): the cache key.
+
+        ``content``: over (relative path, label, sha256 of the bytes) instead, which finds any
+        change of any image whatever its times say, at the cost of reading every file.
+        """
+        if content not in self._manifests:
             digest = hashlib.sha256()
             for (path, label), rel in zip(self.samples, self.relpaths()):
-                stat = path.stat()
-                digest.update(f"{rel}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-            self._manifest = digest.hexdigest()
-        return self._manifest
+                digest.update(f"{rel}\t{label}\t{_identity(path, content=content)}\n".encode())
+            self._manifests[content] = digest.hexdigest()
+        return self._manifests[content]
 
     def subset(self, rows: Sequence[int]) -> ImageFolderIndex:
         """A new index holding only ``rows`` (in that order)."""
         return ImageFolderIndex(self.root, self.classes, [self.samples[i] for i in rows])
+
+
+def _identity(path: Path, *, content: bool) -> str:
+    """What the cache key knows of one image: its sha256, or its size and both times.
+
+    ``st_ctime`` is set by the kernel on every write and cannot be set back, so a file whose
+    content and mtime were replaced (``cp -p``, ``rsync -t``, ``tar x``) still changes it.
+    """
+    if content:
+        return sha256_file(path)
+    stat = path.stat()
+    return f"{stat.st_size}\t{stat.st_mtime_ns}\t{stat.st_ctime_ns}"
 
 
 def is_image(name: str) -> bool:
@@ -76,7 +92,7 @@ def scan_image_folder(root: str | Path, *, classes: Sequence[str] | None = None)
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such directory (expected <split>/<class>/<image> folders)")
-    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    found = _names(root, lambda e: e.is_dir() and not e.name.startswith("."))
     if not found:
         raise DatasetError(f"{root}: no class folders (expected {root}/<class>/<image>)")
     class_list = list(classes) if classes is not None else found
@@ -86,11 +102,34 @@ def scan_image_folder(root: str | Path, *, classes: Sequence[str] | None = None)
         raise DatasetError(f"{root}: class folder(s) not in the training classes: {', '.join(unknown[:5])}")
     samples: list[tuple[Path, int]] = []
     for name in found:
-        files = sorted(e.name for e in os.scandir(root / name) if e.is_file() and is_image(e.name))
+        files = _names(root / name, lambda e: e.is_file() and is_image(e.name))
         if not files:
             raise DatasetError(f"{root / name}: empty class folder (no {'/'.join(IMG_EXTENSIONS)} files)")
         samples.extend((root / name / f, to_label[name]) for f in files)
     return ImageFolderIndex(root=root, classes=class_list, samples=samples)
+
+
+def _names(folder: Path, keep: Callable[[os.DirEntry], bool]) -> list[str]:
+    """Sorted names of the entries of ``folder`` that ``keep`` selects.
+
+    Raises:
+        DatasetError: the folder cannot be listed, or a selected name is not valid UTF-8.
+    """
+    try:
+        names = sorted(e.name for e in os.scandir(folder) if keep(e))
+    except OSError as err:
+        raise DatasetError(f"{folder}: cannot read the folder ({err.strerror or err})") from None
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes, kept by Python as lone surrogates
+            raise DatasetError(f"{_printable(folder)}: the name {os.fsencode(name)!r} is not valid "
+                               "UTF-8 (rename it, e.g. with convmv)") from None
+    return names
+
+
+def _printable(path: Path) -> str:
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def load_split(data_dir: str | Path, split: str, *, classes: Sequence[str] | None = None) -> ImageFolderIndex:
@@ -98,6 +137,9 @@ def load_split(data_dir: str | Path, split: str, *, classes: Sequence[str] | Non
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DatasetError(f"{data_dir}: no such dataset directory")
+    if Path(split).is_absolute() or ".." in Path(split).parts:
+        raise DatasetError(f"{data_dir}: split {split!r} leaves the dataset root (give the name of a "
+                           f"folder inside {data_dir})")
     split_dir = data_dir / split
     if not split_dir.is_dir():
         have = sorted(p.name for p in data_dir.iterdir() if p.is_dir())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -11,6 +12,8 @@ from moca_eval.data import ImageFolderIndex, eval_transform, load_split
 from moca_eval.errors import ConfigError
 from moca_eval.features import ExtractConfig, FeatureSet, extract_features
 from moca_eval.record import dataset_block
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class BackboneConfig:
     img_size: int | None = 224  # None: the checkpoint's own resolution
     num_heads: int | None = None
     family: str | None = None  # None: the layout's (first) family
+    allow_nonfinite: bool = False  # evaluate NaN/inf weights (reported) instead of refusing
 
     def load(self, **overrides: object) -> LoadedBackbone:
         """``load_backbone`` with these settings (``overrides`` replace fields, e.g. img_size)."""
@@ -57,7 +61,11 @@ class DataConfig:
     def splits(self) -> tuple[ImageFolderIndex, ImageFolderIndex]:
         """Train and val indexes, labelled with the train classes."""
         train = load_split(self.root, self.train_split)
-        return train, load_split(self.root, self.val_split, classes=train.classes)
+        val = load_split(self.root, self.val_split, classes=train.classes)
+        if train.root.resolve() == val.root.resolve():
+            log.warning("--val-split %s is the training split %s: the accuracy reported is on the "
+                        "training images, not held-out ones", self.val_split, self.train_split)
+        return train, val
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ BENCHMARKS.md).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -235,7 +236,8 @@ def headline_score(scores: Sequence[KnnScore]) -> KnnScore:
 
 def run(cfg: KnnConfig) -> KnnResult:
     """Load the checkpoint, extract (or reuse cached) features, evaluate every (k, T)."""
-    if not cfg.ks or min(cfg.ks) < 1 or not cfg.temperatures or min(cfg.temperatures) <= 0:
+    if not cfg.ks or min(cfg.ks) < 1 or not cfg.temperatures or not all(
+            0 < t < math.inf for t in cfg.temperatures):  # NaN fails both comparisons
         raise ConfigError("k values must be >= 1 and temperatures > 0")
     if cfg.feature is not None:
         check_feature_name(cfg.feature)

@@ -30,7 +30,13 @@ from moca_eval.checkpoints import LoadedBackbone
 from moca_eval.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderIndex, eval_transform
 from moca_eval.errors import ConfigError
 from moca_eval.families import resolve_recipe
-from moca_eval.features import FeatureSet, check_feature_name, compute_features, extract_features
+from moca_eval.features import (
+    FeatureSet,
+    check_feature_name,
+    compute_features,
+    extract_features,
+    features_for_depth,
+)
 from moca_eval.pipeline import FeatureJob, dataset_info, extract_splits, transform_info
 from moca_eval.protocols import training
 from moca_eval.protocols.linear_heads import GridSGD, HeadGrid, grid_loss, head_accuracy
@@ -322,7 +328,8 @@ def run(cfg: LinearConfig) -> LinearResult:
     recipe, why = resolve_recipe(LINEAR_RECIPES, "linear", backbone, cfg.recipe, cfg.overrides)
     cfg = replace(cfg, recipe=recipe)
     _check_recipe(cfg)
-    names = tuple(check_feature_name(n) for n in dict.fromkeys(recipe.features))
+    names = features_for_depth([check_feature_name(n) for n in dict.fromkeys(recipe.features)],
+                               backbone.arch.depth, requested=bool(cfg.overrides.get("features")))
     micro = cfg.micro_batch or (cfg.job.extract.batch_size if cfg.mode == "augmented" else None)
     plan = runtime.make_plan(recipe.batch_size, micro, rt.dist.world_size)
     training.steps_per_epoch(len(splits[0]), plan)  # the batch fits the data: checked before extraction

@@ -124,16 +124,15 @@ class LowshotConfig:
         """Raise ConfigError for values no run could use."""
         if not self.shots and not self.percents:
             raise ConfigError("nothing to evaluate: give --shots and/or --percent")
-        if any(s < 1 for s in self.shots) or any(not 0 < p <= 100 for p in self.percents):
-            raise ConfigError("shots must be >= 1 and percents in (0, 100]")
+        self.settings()  # each Setting checks its shots/percent
         if self.n_splits < 1:
             raise ConfigError(f"--splits must be >= 1, got {self.n_splits}")
         if self.recipe is not None:
             LOWSHOT_RECIPES.canonical(self.recipe)
         if self.solver not in SOLVERS:
             raise ConfigError(f"unknown solver {self.solver!r} (known: {', '.join(SOLVERS)})")
-        if self.lambdas is not None and (not self.lambdas or min(self.lambdas) <= 0):
-            raise ConfigError("--lambd values must be positive")
+        if self.lambdas is not None and (not self.lambdas or not all(0 < v < math.inf for v in self.lambdas)):
+            raise ConfigError(f"--lambd values must be positive and finite, got {list(self.lambdas)}")
         if self.cv_folds < 2:
             raise ConfigError("--cv-folds must be >= 2")
         if (self.tol is not None and self.tol <= 0) or (self.max_iter is not None

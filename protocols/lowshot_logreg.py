@@ -128,8 +128,8 @@ def preprocess_features(x: np.ndarray, *, center: bool = True) -> np.ndarray:
 
 def lambda_1_for(lambd: float, n: int, *, per_sample: bool = True) -> float:
     """cyanure's ``lambda_1`` for a user ``lambd`` and ``n`` training rows."""
-    if lambd <= 0:
-        raise ConfigError(f"lambda must be positive, got {lambd}")
+    if not 0 < lambd < float("inf"):  # NaN fails both comparisons
+        raise ConfigError(f"lambda must be positive and finite, got {lambd}")
     return lambd / n if per_sample else lambd
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from moca_eval.errors import DatasetError
+from moca_eval.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,10 @@ class Setting:
     def __post_init__(self) -> None:
         if (self.shots is None) == (self.percent is None):
             raise ValueError("a setting has exactly one of shots or percent")
+        if self.shots is not None and self.shots < 1:
+            raise ConfigError(f"--shots {self.shots}: shots must be >= 1")
+        if self.percent is not None and not 0 < self.percent <= 100:  # NaN fails too
+            raise ConfigError(f"--percent {self.percent:g}: percents must be in (0, 100]")
 
     @property
     def sort_key(self) -> tuple[int, float]:
@@ -158,7 +162,12 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def parse_split_text(text: str, *, source: str) -> tuple[str, ...]:
     """Keys named by a split file's text; empty files and duplicates are errors."""
-    lines = [ln.strip() for ln in text.splitlines()]
+    lines = [ln.strip() for ln in text.splitlines()]  # CRLF and trailing blanks go
+    odd = next(((n, ln) for n, ln in enumerate(lines, 1) if not ln.isprintable()), None)
+    if odd:
+        char = next(c for c in odd[1] if not c.isprintable())
+        raise DatasetError(f"{source}: line {odd[0]} holds the unprintable character U+{ord(char):04X} "
+                           f"({odd[1]!r}); a split file lists one image name per line")
     keys = [line_to_key(ln) for ln in lines if ln]
     if not keys:
         raise DatasetError(f"{source}: split file is empty")
@@ -178,7 +187,7 @@ def read_split_file(path: str | os.PathLike, setting: Setting, split: int, *,
     except OSError as e:
         raise DatasetError(f"{path}: cannot read split file ({e.strerror})") from e
     try:
-        text = data.decode()
+        text = data.decode("utf-8-sig")  # a UTF-8 byte-order mark is dropped
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path}: split file is not UTF-8 text") from e
     keys = parse_split_text(text, source=str(path))

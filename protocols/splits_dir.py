@@ -165,7 +165,8 @@ def read_manifest(split_dir: str | os.PathLike) -> dict:
         raise DatasetError(f"{path}: no manifest (only generated split dirs have one)") from e
     except (OSError, ValueError) as e:
         raise DatasetError(f"{path}: unreadable manifest ({e})") from e
-    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT \
+            or not isinstance(manifest.get("files"), dict):
         raise DatasetError(f"{path}: not a {MANIFEST_FORMAT} manifest")
     return manifest
 

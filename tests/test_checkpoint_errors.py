@@ -104,7 +104,7 @@ CASES: dict[str, Case] = {
         CheckpointError, NOT_READABLE + r" \(corrupt, or not a checkpoint\?\): the safe unpickler "
         r"\(weights_only=True\) refused it: Unsupported operand 118$"),
     "plain-text": Case(_write_bytes("bad.pth", lambda ckpt: b"hello world\n"), CheckpointError,
-                       NOT_READABLE + r" .*: neither a zip archive nor a pickle$"),
+                       NOT_READABLE + r" .*: neither a zip archive nor a complete pickle$"),
     "truncated-safetensors": Case(_truncated_safetensors, CheckpointError,
                                   r"bad\.safetensors: not a readable safetensors file: "),
     "top-level-list": Case(_save([1, 2]), CheckpointError,

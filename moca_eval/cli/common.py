@@ -47,6 +47,8 @@ def add_backbone_args(p: argparse.ArgumentParser, *, ckpt_required: bool = True,
     g.add_argument("--family", help="who trained the checkpoint (moca, dino, ibot, mae, msn, mocov3, "
                    "dinov2, timm): decides every default; needed only for layouts several families "
                    "share (see `moca-eval recipes`)")
+    g.add_argument("--allow-nonfinite", action="store_true", help="evaluate weights holding NaN or "
+                   "inf (listed in a warning) instead of refusing the checkpoint")
     if img_size:
         g.add_argument("--img-size", type=int, default=224, help="evaluation resolution (default 224)")
 
@@ -75,6 +77,10 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="feature cache directory (default: %(default)s)")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     g.add_argument("--strict", action="store_true", help="an undecodable image is an error")
+    g.add_argument("--verify-data", action="store_true", help="key the feature cache on the sha256 "
+                   "of every image (reads each file) instead of its size and times")
+    g.add_argument("--shard-images", type=int, default=8192, help="an extraction writes its "
+                   "progress every N images; a rerun after an interruption continues from there")
 
 
 def add_output_arg(p: argparse.ArgumentParser) -> None:
@@ -101,7 +107,8 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
 
     return ExtractConfig(batch_size=args.batch_size, num_workers=args.num_workers,
                          device=args.device, precision=args.precision,
-                         cache_dir=None if args.no_cache else args.cache_dir, strict=args.strict)
+                         cache_dir=None if args.no_cache else args.cache_dir, strict=args.strict,
+                         verify_data=args.verify_data, shard_images=args.shard_images)
 
 
 def feature_job(args: argparse.Namespace) -> FeatureJob:

@@ -49,12 +49,12 @@ def run_make(args: argparse.Namespace) -> int:
     from moca_eval.protocols.splits import Setting, make_split_files
     from moca_eval.protocols.splits_dir import build_manifest, write_split_dir
 
-    data = _dataset(args.data, args.train_split)
     settings = [Setting(shots=n) for n in args.shots] + [Setting(percent=p) for p in args.percent]
     if not settings or args.splits < 1:
         from moca_eval.errors import ConfigError
 
         raise ConfigError("give at least one --shots or --percent value and --splits >= 1")
+    data = _dataset(args.data, args.train_split)
     files = make_split_files(data, settings, args.splits, seed=args.seed,
                              allow_short=args.allow_short)
     manifest = build_manifest(files, data, seed=args.seed, settings=settings,
