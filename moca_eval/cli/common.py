@@ -59,6 +59,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resize", type=int, help="shorter side before the center crop "
                    "(default: img_size/0.875, i.e. 256 for 224)")
     g.add_argument("--interpolation", default="bicubic", choices=["bicubic", "bilinear"])
+    g.add_argument("--limit", type=float, help="smoke run: N images per class of every split, or a "
+                   "fraction 0<x<1 (recorded; reports mark such results non-comparable)")
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -90,7 +92,8 @@ def data_config(args: argparse.Namespace) -> DataConfig:
     from moca_eval.pipeline import DataConfig
 
     return DataConfig(root=args.data, train_split=args.train_split, val_split=args.val_split,
-                      resize=args.resize, interpolation=args.interpolation)
+                      resize=args.resize, interpolation=args.interpolation,
+                      limit=getattr(args, "limit", None))
 
 
 def extract_config(args: argparse.Namespace) -> ExtractConfig:
