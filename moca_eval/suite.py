@@ -203,6 +203,7 @@ def run_cell(suite: Suite, cell: Cell) -> CellOutcome:
         cfg = build_config(spec, cell.entry.settings, backbone=backbone, data=suite.data,
                            extract=suite.extract, run_dir=cell.directory)
         record = run_protocol(spec, cfg, cell.checkpoint.source)
+        record["checkpoint"]["label"] = cell.checkpoint.name
     except Exception as err:  # noqa: BLE001 - one failing cell must not stop the suite
         log.warning("%s failed: %s: %s", cell.title, type(err).__name__, err)
         error = f"{type(err).__name__}: {' '.join(str(err).split())}"
