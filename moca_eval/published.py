@@ -2,7 +2,7 @@
 
 Values: k-NN (paper Sec. C.3 / PROTOCOLS.md), low-shot mean +- std (paper Table 5l; stds only
 where published), linear (Table 12 context), fine-tune, Cityscapes (Table 6), COCO (Sec. 4.4).
-Column names are the report's (``report.COLUMN_ORDER``).
+Column names are the report's (``reporting.COLUMN_ORDER``).
 """
 
 from __future__ import annotations

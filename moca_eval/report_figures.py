@@ -12,7 +12,7 @@ from moca_eval.published import CITYSCAPES_SIZES, IMAGENET_1PCT, IMAGENET_CLASSE
 from moca_eval.results import atomic_path
 
 if TYPE_CHECKING:
-    from moca_eval.report import Cell, Row, Table
+    from moca_eval.reporting import Cell, Row, Table
 
 
 def write_figures(table: Table, out: Path, *, fmt: str = "png") -> dict[str, Path]:

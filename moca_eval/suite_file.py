@@ -54,14 +54,15 @@ class SuiteText:
     def line_of(self, needle: str, *, section: str | None = None) -> int | None:
         start = 0
         if section:
-            header = re.compile(rf"^\s*\[+\s*{re.escape(section)}\s*\]+|^\s*{re.escape(section.split('.')[-1])}\s*:")
+            last = re.escape(section.split(".")[-1])
+            header = re.compile(rf"^\s*\[+\s*{re.escape(section)}\s*\]+|^\s*{last}\s*:")
             start = next((i for i, line in enumerate(self.lines) if header.search(line)), 0)
         key = re.compile(rf"""(^|[\s{{,])["']?{re.escape(needle)}["']?\s*[=:]""")
         quoted = (f'"{needle}"', f"'{needle}'")
-        for i in range(start, len(self.lines)):
-            text = self.lines[i]
-            if key.search(text) or any(q in text for q in quoted):
-                return i + 1
+        for match in (lambda t: key.search(t) or any(q in t for q in quoted), lambda t: needle in t):
+            found = next((i + 1 for i in range(start, len(self.lines)) if match(self.lines[i])), None)
+            if found:
+                return found
         return None
 
 

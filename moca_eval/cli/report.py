@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moca_eval.report import write_report
+    from moca_eval.reporting import write_report
 
     written = write_report(args.records, args.out, published=args.published,
                            figure_format=args.figure_format, decimals=args.decimals)
