@@ -32,11 +32,12 @@ def _rows_with(table: Table, prefix: str) -> list[Row]:
 def _subtitle(cells: Sequence[Cell], records: dict[str, dict]) -> str:
     """``dataset, feature X, recipe Y`` over the measured cells (several values joined by /)."""
     def values(get: Any) -> str:
-        return "/".join(sorted({str(v) for v in map(get, cells) if v is not None})) or "?"
+        return "/".join(sorted({str(v) for v in map(get, cells) if v is not None}))
 
     data = values(lambda c: Path(records[c.source]["dataset"]["root"]).name if c.source in records else None)
-    return f"{data}, feature {values(lambda c: c.settings.get('feature'))}, " \
-           f"recipe {values(lambda c: c.settings.get('recipe'))}"
+    parts = [data, *(f"{k} {v}" for k in ("feature", "recipe")
+                      if (v := values(lambda c, k=k: c.settings.get(k))))]
+    return ", ".join(p for p in parts if p)
 
 
 def _measured(table: Table, prefix: str) -> list[Cell]:
@@ -140,7 +141,7 @@ def seg_figure(table: Table, path: Path) -> bool:
     rows = _rows_with(table, "seg ")
     if not any(not r.published for r in rows):
         return False
-    fig = _figure()
+    fig = _figure(7.6, 4.4)
     ax = fig.add_subplot()
     for i, row in enumerate(rows):
         for mode, style in (("linear", "-"), ("finetune", "--")):
@@ -150,7 +151,9 @@ def seg_figure(table: Table, path: Path) -> bool:
             if points:
                 xs, ys, errs = zip(*points)
                 ax.errorbar(xs, ys, yerr=errs, fmt=style, marker="o", color=f"C{i}", capsize=3,
-                            alpha=0.5 if row.published else 1.0, label=f"{row.label} ({mode})")
+                            alpha=0.5 if row.published else 1.0, label=row.label if mode == "linear" else None)
+    for mode, style in (("linear probe", "-"), ("fine-tuning", "--")):
+        ax.plot([], [], style, color="0.3", label=mode)
     ax.set_xscale("log")
     ax.set_xticks(list(CITYSCAPES_SIZES.values()), [str(v) for v in CITYSCAPES_SIZES.values()])
     ax.minorticks_off()
@@ -159,6 +162,6 @@ def seg_figure(table: Table, path: Path) -> bool:
     records = {str(p): r for p, r in table.records}
     ax.set_title("Cityscapes segmentation\n" + _subtitle(_measured(table, "seg "), records), fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="x-small", ncol=2)
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     _save(fig, path)
     return True

@@ -102,7 +102,8 @@ def metric_cells(record: dict) -> dict[str, Cell]:
     if protocol == "seg":
         return {f"seg {s['setting']}": Cell(s["mean"], s["std"]) for s in m.get("splits") or []}
     if protocol == "det":
-        return {"COCO AP box": Cell(m["values"].get("AP_box")), "COCO AP mask": Cell(m["values"].get("AP_mask"))}
+        values = m["values"]
+        return {"COCO AP box": Cell(values.get("AP_box")), "COCO AP mask": Cell(values.get("AP_mask"))}
     return {}
 
 
@@ -130,6 +131,8 @@ def build_table(records: Sequence[tuple[Path, dict]], *, published: bool = False
     for path, record in records:
         sha = record["checkpoint"].get("sha256", str(path))
         label = labels.setdefault(sha, _unique(label_of(record, path), sha, labels))
+        limit = settings_of(record)["limit"]
+        label += f" (limit {limit:g})" if limit is not None else ""  # a smoke run: its own row
         for column, cell in metric_cells(record).items():
             cell.settings, cell.source = settings_of(record), str(path)
             n = 0
@@ -146,6 +149,7 @@ def build_table(records: Sequence[tuple[Path, dict]], *, published: bool = False
                      for name, cols in PUBLISHED.items()]
     present = {c for r in rows.values() for c in r.cells}
     columns = [c for c in COLUMN_ORDER if c in present] + sorted(present - set(COLUMN_ORDER))
+    out_rows = [r for r in out_rows if not r.published or present & set(r.cells)]
     return Table(out_rows, columns, notes, list(records))
 
 
