@@ -57,7 +57,8 @@ def lowshot_figure(table: Table, path: Path) -> bool:
     for i, row in enumerate(rows):
         points = sorted(_lowshot_points(row, records))
         xs, ys, errs = (list(v) for v in zip(*[(x, m, s) for x, m, s, _ in points]))
-        style = dict(ls="--", marker="s", ms=4, lw=1.2, alpha=0.7) if row.published else dict(marker="o", lw=2)
+        style = (dict(ls="--", marker="s", ms=4, lw=1.2, alpha=0.7) if row.published
+                 else dict(marker="o", lw=2))
         ax.plot(xs, ys, color=f"C{i}", label=row.label, **style)
         if not row.published:
             ax.fill_between(xs, [y - e for y, e in zip(ys, errs)], [y + e for y, e in zip(ys, errs)],
@@ -151,7 +152,8 @@ def seg_figure(table: Table, path: Path) -> bool:
             if points:
                 xs, ys, errs = zip(*points)
                 ax.errorbar(xs, ys, yerr=errs, fmt=style, marker="o", color=f"C{i}", capsize=3,
-                            alpha=0.5 if row.published else 1.0, label=row.label if mode == "linear" else None)
+                            alpha=0.5 if row.published else 1.0,
+                            label=row.label if mode == "linear" else None)
     for mode, style in (("linear probe", "-"), ("fine-tuning", "--")):
         ax.plot([], [], style, color="0.3", label=mode)
     ax.set_xscale("log")

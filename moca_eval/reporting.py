@@ -164,7 +164,7 @@ def _flag(rows: list[Row]) -> list[str]:
     columns = dict.fromkeys(c for r in rows for c in r.cells)
     for column in columns:
         cells = [(r.label, r.cells[column]) for r in rows if column in r.cells]
-        for label, cell in cells:
+        for _, cell in cells:
             if cell.settings.get("limit") is not None:
                 cell.flags += LIMITED
         differing = [k for k in SETTINGS if len({str(c.settings.get(k)) for _, c in cells}) > 1]
@@ -199,7 +199,8 @@ def to_markdown(table: Table, *, decimals: int = 1) -> str:
 
 def to_csv(table: Table) -> str:
     """Full-precision values: ``<column>`` and ``<column> std``, plus the flags and the source."""
-    with_std = [c for c in table.columns if any(c in r.cells and r.cells[c].std is not None for r in table.rows)]
+    with_std = [c for c in table.columns
+                if any(c in r.cells and r.cells[c].std is not None for r in table.rows)]
     head = ["checkpoint", "published"]
     for c in table.columns:
         head += [c, f"{c} std"] if c in with_std else [c]

@@ -55,7 +55,8 @@ def test_limit_is_recorded_and_reported_non_comparable(knn_records, tmp_path: Pa
     assert "limit: full=None, full (limit 2)=2" in md and "dataset: full=" in md
 
 
-def test_cli_limit_flag_reaches_the_record(tiny_demo_data: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_cli_limit_flag_reaches_the_record(tiny_demo_data: Path, tiny_checkpoint: Path,
+                                           tmp_path: Path) -> None:
     out = tmp_path / "knn.json"
     assert main(["knn", "--ckpt", str(tiny_checkpoint), "--data", str(tiny_demo_data), "--img-size", "32",
                  "--k", "5", "--num-workers", "0", "--limit", "0.5", "--output", str(out)]) == 0

@@ -204,3 +204,21 @@ def test_failing_cell_is_recorded_and_the_others_run(tmp_path: Path, tiny_demo_d
     failed = json.loads(next(tmp_path.glob("runs/suite/*/seven-*/cell.json")).read_text())["payload"]
     assert failed["status"] == "failed" and failed["error"]
     assert next(tmp_path.glob("runs/suite/*/knn-*/record.json")).is_file()
+
+
+def test_paper_suite_file_has_the_papers_classification_settings(tiny_demo_data: Path,
+                                                                   tiny_checkpoint: Path) -> None:
+    from importlib import resources
+
+    from moca_eval.suite_file import build_suite, read_suite_file
+
+    path = Path(str(resources.files("moca_eval").joinpath("suites/paper.toml")))
+    raw, source = read_suite_file(path)
+    assert [c["label"] for c in raw["checkpoints"]] == ["MOCA", "DINO", "MAE"]
+    raw.update(checkpoints=[str(tiny_checkpoint)], data=str(tiny_demo_data))  # as --ckpt/--data do
+    suite = build_suite(raw, source)
+    settings = {e.name: (e.protocol, e.settings) for e in suite.entries}
+    assert settings["knn"] == ("knn", {"ks": [20], "temperatures": [0.07]})
+    assert settings["lowshot"] == ("lowshot", {"shots": [1, 2, 5], "percents": [1.0], "n_splits": 3})
+    assert settings["linear"] == ("linear", {"mode": "augmented"})
+    assert set(raw["protocol"]) >= {"seg_linear_100", "seg_finetune_100", "coco"}
