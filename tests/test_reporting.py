@@ -61,6 +61,12 @@ def test_cli_limit_flag_reaches_the_record(tiny_demo_data: Path, tiny_checkpoint
     assert main(["knn", "--ckpt", str(tiny_checkpoint), "--data", str(tiny_demo_data), "--img-size", "32",
                  "--k", "5", "--num-workers", "0", "--limit", "0.5", "--output", str(out)]) == 0
     assert json.loads(out.read_text())["dataset"]["limit"] == 0.5
+    npz = tmp_path / "val.npz"
+    assert main(["extract", "--ckpt", str(tiny_checkpoint), "--data", str(tiny_demo_data), "--img-size",
+                 "32", "--split", "val", "--num-workers", "0", "--limit", "2", "--output", str(npz)]) == 0
+    import numpy as np
+
+    assert np.load(npz)["features"].shape[0] == 20  # 10 classes x 2
 
 
 def test_schema_versions_published_rows_seg_columns_and_pdf(knn_records, tmp_path: Path) -> None:
