@@ -29,7 +29,8 @@ from moca_eval.suite import PROTOCOLS, CheckpointEntry, Entry, Suite, build_conf
 
 ENTRIES = (Entry("knn", "knn", {"ks": [20]}),
            Entry("lowshot", "lowshot", {"shots": [1, 2, 5], "solver": "torch"}),
-           Entry("linear", "linear", {"mode": "cached", "epochs": 10, "batch_size": 64, "lr_grid": [0.1, 1.0]}))
+           Entry("linear", "linear", {"mode": "cached", "epochs": 10, "batch_size": 64,
+                                      "lr_grid": [0.1, 1.0]}))
 
 
 def one_by_one(ckpt: Path, data: DataConfig, extract: ExtractConfig, tmp: Path) -> float:

@@ -222,3 +222,43 @@ def test_paper_suite_file_has_the_papers_classification_settings(tiny_demo_data:
     assert settings["lowshot"] == ("lowshot", {"shots": [1, 2, 5], "percents": [1.0], "n_splits": 3})
     assert settings["linear"] == ("linear", {"mode": "augmented"})
     assert set(raw["protocol"]) >= {"seg_linear_100", "seg_finetune_100", "coco"}
+
+
+def test_half_done_training_cell_resumes_from_its_checkpoint(suite_file: Path, caplog) -> None:
+    """A cell killed after its training checkpoint but before its record: the rerun resumes
+    (no epoch retrained) and writes the same numbers."""
+    import logging
+
+    text = suite_file.read_text().replace('checkpoints = [', 'checkpoints = [').replace(
+        'protocols = ["knn", "lowshot", "linear"]', 'protocols = ["linear"]')
+    suite_file.write_text(text.replace(', {path = ', ']\n#', 1).replace('label = "dino-tiny"}]', ''))
+    assert main(["run", str(suite_file), "--no-progress"]) == 0
+    record_path = next((suite_file.parent / "out").glob("*/linear-*/record.json"))
+    first = json.loads(record_path.read_text())
+    assert (record_path.parent / "train" / "checkpoint.pth").is_file()
+    record_path.unlink()  # as if killed between the last checkpoint and the record
+    state = json.loads((record_path.parent / "cell.json").read_text())
+    state["payload"]["status"] = "running"
+    (record_path.parent / "cell.json").write_text(json.dumps(state))
+    with caplog.at_level(logging.INFO, logger="moca_eval.runtime"):
+        assert main(["run", str(suite_file), "--no-progress"]) == 0
+    assert any("resuming from" in r.getMessage() for r in caplog.records)
+    again = json.loads(record_path.read_text())
+    assert again["metrics"]["rows"] == first["metrics"]["rows"]
+    assert again["metrics"]["headline"] == first["metrics"]["headline"]
+
+
+def test_flags_only_suite_with_set_and_limit(tmp_path: Path, tiny_demo_data: Path, tiny_checkpoint: Path,
+                                             capsys) -> None:
+    out = tmp_path / "o"
+    assert main(["run", "--ckpt", str(tiny_checkpoint), "--protocols", "knn", "--data", str(tiny_demo_data),
+                 "--output-dir", str(out), "--limit", "3", "--num-workers", "0", "--cache-dir",
+                 str(tmp_path / "c"), "--set", "knn.ks=[5, 10]", "backbone.img_size=32", "knn.feature=cls",
+                 "--no-progress"]) == 0
+    record = json.loads(next(out.glob("tiny-moca-*/knn-*/record.json")).read_text())
+    assert record["dataset"]["limit"] == 3 and record["dataset"]["splits"] == {"train": 30, "val": 30}
+    assert record["config"]["ks"] == [5, 10] and record["config"]["feature"] == "cls"
+    assert record["checkpoint"]["arch_spec"]["img_size"] == 32
+    assert main(["run", "--ckpt", str(tiny_checkpoint), "--protocols", "knn", "--data", str(tiny_demo_data),
+                 "--set", "knn.k=[5]"]) == 2
+    assert "command line: unknown knn setting 'k' (close: ks" in capsys.readouterr().err

@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", type=Path, help="where the run directories go (default runs/<name>)")
     p.add_argument("--name", help="suite name (default: the file's, else 'suite')")
     p.add_argument("--limit", type=float, help="smoke run: N images per class, or a fraction 0<x<1")
+    p.add_argument("--set", dest="assignments", nargs="+", default=[], metavar="TABLE.KEY=VALUE",
+                   help="set a suite-file value (TOML syntax; a bare word is a string): knn.ks=[20] "
+                   "linear.mode=cached backbone.img_size=448 runtime.batch_size=64")
     g = p.add_argument_group("runtime (override the suite file's [runtime])")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--batch-size", type=int)
@@ -45,6 +48,11 @@ def raw_suite(args: argparse.Namespace):
              "data": str(args.data) if args.data else None,
              "output": str(args.output_dir) if args.output_dir else None}
     raw.update({k: v for k, v in flags.items() if v is not None})
+    for text in args.assignments:
+        table, key, value = parse_assignment(text)
+        target = raw.setdefault(table, {}) if table in ("backbone", "runtime") else \
+            raw.setdefault("protocol", {}).setdefault(table, {})
+        target[key] = value
     runtime = dict(raw.get("runtime") or {})
     for key in ("device", "batch_size", "num_workers", "precision", "cache_dir"):
         if getattr(args, key) is not None:
@@ -54,6 +62,22 @@ def raw_suite(args: argparse.Namespace):
         runtime["cache_dir"] = None
     raw["runtime"] = runtime
     return raw, source
+
+
+def parse_assignment(text: str) -> tuple[str, str, object]:
+    """``TABLE.KEY=VALUE`` (VALUE in TOML syntax; a bare word is a string)."""
+    import tomllib
+
+    from moca_eval.errors import ConfigError
+
+    name, sep, value = text.partition("=")
+    table, dot, key = name.strip().partition(".")
+    if not (sep and dot and table and key):
+        raise ConfigError(f"--set {text}: expected TABLE.KEY=VALUE, e.g. knn.ks=[20]")
+    try:
+        return table, key.strip(), tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return table, key.strip(), value.strip()
 
 
 def run(args: argparse.Namespace) -> int:
