@@ -121,6 +121,8 @@ def label_of(record: dict, path: Path) -> str:
     ckpt = record["checkpoint"]
     if ckpt.get("label"):
         return ckpt["label"]
+    if ckpt.get("source_kind") in ("hf-hub", "timm"):
+        return ckpt["source"]
     return Path(ckpt["path"]).stem if ckpt.get("path") else path.stem
 
 

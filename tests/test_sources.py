@@ -57,6 +57,10 @@ def test_evaluate_hub_file_and_module_give_the_same_record_numbers(
     assert from_module.checkpoint["source_kind"] == "module"
     assert from_hub.metrics["rows"] == from_file.metrics["rows"] == from_module.metrics["rows"]
     assert from_hub.headline == from_file.metrics["headline"]["value"]
+    from moca_eval.reporting import build_table
+
+    table = build_table([(Path("hub.json"), from_hub.to_dict())])
+    assert [r.label for r in table.rows] == ["hf-hub:org/tiny-vit"]
 
 
 def test_evaluate_unknown_setting_names_close_match(tiny_demo_data: Path, tiny_checkpoint: Path) -> None:

@@ -17,6 +17,7 @@ import torch
 from layouts import layout_checkpoint, random_vit
 
 from moca_eval.cli import main
+from moca_eval.record import validate_record
 from moca_eval.reporting import find_records, write_report
 
 SUITE = """\
@@ -103,6 +104,8 @@ def test_suite_killed_midway_reruns_only_missing_cells_and_report_matches_record
     assert "6 cells, 0 run, 6 reused, 0 failed" in capsys.readouterr().out
 
     records = [json.loads(p.read_text()) for p in after.values()]
+    for record in records:
+        validate_record(record)
     assert {r["checkpoint"]["label"] for r in records} == {"tiny-moca", "dino-tiny"}
     assert {r["checkpoint"]["family"] for r in records} == {"moca", "dino"}
     _check_report(out, suite_file.parent / "report", records)
