@@ -150,9 +150,27 @@ def build_table(records: Sequence[tuple[Path, dict]], *, published: bool = False
         out_rows += [Row(f"{name} (published)", {c: Cell(*v) for c, v in cols.items()}, published=True)
                      for name, cols in PUBLISHED.items()]
     present = {c for r in rows.values() for c in r.cells}
-    columns = [c for c in COLUMN_ORDER if c in present] + sorted(present - set(COLUMN_ORDER))
+    columns = sorted(present, key=column_key)
     out_rows = [r for r in out_rows if not r.published or present & set(r.cells)]
     return Table(out_rows, columns, notes, list(records))
+
+
+def column_key(column: str) -> tuple:
+    """``COLUMN_ORDER``; low-shot settings by images per class (shots, then percents); other
+    settings of a protocol after its known ones; unknown columns last."""
+    if column.startswith("low-shot "):
+        setting = column.removeprefix("low-shot ")
+        number = setting.split("-")[0].rstrip("%").split(" ")[0]
+        try:
+            value = float(number)
+        except ValueError:
+            value = float("inf")
+        return (COLUMN_ORDER.index("low-shot 1-shot"), "%" in setting, value, column)
+    if column in COLUMN_ORDER:
+        return (COLUMN_ORDER.index(column), False, 0.0, column)
+    last = max((i for i, c in enumerate(COLUMN_ORDER) if c.split(" ")[0] == column.split(" ")[0]),
+               default=len(COLUMN_ORDER))
+    return (last + 0.5, False, 0.0, column)
 
 
 def _unique(label: str, sha: str, labels: dict[str, str]) -> str:

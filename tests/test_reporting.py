@@ -103,3 +103,13 @@ def test_report_rejects_a_non_record_file(tmp_path: Path, capsys) -> None:
     (tmp_path / "x.json").write_text("{}")
     assert main(["report", str(tmp_path / "x.json"), "--out", str(tmp_path / "o")]) == 2
     assert "x.json: not a moca-eval result record" in capsys.readouterr().err
+
+
+def test_columns_follow_the_papers_order_with_extra_settings_in_their_group() -> None:
+    from moca_eval.reporting import column_key
+
+    columns = ["linear top-1", "low-shot 1%", "low-shot 5-shot", "low-shot 3-shot", "k-NN top-1",
+               "seg finetune 100", "seg linear 100", "low-shot 50%", "COCO AP box", "seg linear custom"]
+    assert sorted(columns, key=column_key) == [
+        "k-NN top-1", "low-shot 3-shot", "low-shot 5-shot", "low-shot 1%", "low-shot 50%", "linear top-1",
+        "seg linear 100", "seg finetune 100", "seg linear custom", "COCO AP box"]

@@ -66,8 +66,17 @@ def suite_file(tmp_path: Path, tiny_demo_data: Path, tiny_checkpoint: Path, dino
 
 
 def _cells(out: Path) -> dict[str, Path]:
-    """Finished cells: ``checkpoint dir/entry dir`` -> record.json."""
-    return {f"{p.parent.parent.name}/{p.parent.name}": p for p in out.glob("*/*/record.json")}
+    """Finished cells (record written, then ``cell.json`` marked done): ``checkpoint dir/entry dir``
+    -> record.json. A record whose cell.json is not done yet (killed in between) is rerun."""
+    return {f"{p.parent.parent.name}/{p.parent.name}": p for p in out.glob("*/*/record.json")
+            if _status(p.parent / "cell.json") == "done"}
+
+
+def _status(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text())["payload"]["status"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _kill_after_first_record(suite_file: Path, out: Path) -> None:
