@@ -33,7 +33,7 @@ from moca_eval.suite import PROTOCOLS, CheckpointEntry, Entry, Suite, build_conf
 TOP_KEYS = ("name", "output", "data", "train_split", "val_split", "resize", "interpolation", "limit",
             "checkpoints", "protocols", "backbone", "runtime", "protocol")
 CHECKPOINT_KEYS = ("path", "label")
-PATH_KEYS = ("output", "data", "cache_dir", "split_dir", "names_file")
+PATH_KEYS = ("data", "cache_dir", "split_dir", "names_file", "weights")  # in [runtime], [protocol.*]
 
 
 class SuiteText:
@@ -67,7 +67,7 @@ class SuiteText:
 
 
 def read_suite_file(path: Path) -> tuple[dict[str, Any], SuiteText]:
-    """Parse a ``.toml`` or ``.yaml``/``.yml`` suite file."""
+    """Parse a ``.toml`` or ``.yaml``/``.yml`` suite file (relative paths: relative to it)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such suite file")
@@ -103,6 +103,11 @@ def _relative_to(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         checkpoints.append(ck)
     if "checkpoints" in out:
         out["checkpoints"] = checkpoints
+    tables = [out.get("runtime"), *(out.get("protocol") or {}).values()]
+    for table in (t for t in tables if isinstance(t, dict)):
+        for key in PATH_KEYS:
+            if isinstance(table.get(key), str):
+                table[key] = str(base / table[key])
     return out
 
 

@@ -274,3 +274,17 @@ def test_flags_only_suite_with_set_and_limit(tmp_path: Path, tiny_demo_data: Pat
     assert main(["run", "--ckpt", str(tiny_checkpoint), "--protocols", "knn", "--data", str(tiny_demo_data),
                  "--set", "knn.k=[5]"]) == 2
     assert "command line: unknown knn setting 'k' (close: ks" in capsys.readouterr().err
+
+
+def test_relative_paths_in_a_suite_file_are_relative_to_it(tmp_path: Path) -> None:
+    from moca_eval.suite_file import read_suite_file
+
+    path = tmp_path / "sub" / "s.toml"
+    path.parent.mkdir()
+    path.write_text('data = "d"\noutput = "o"\ncheckpoints = ["a.pth", "hf-hub:x/y", {path = "b.pth"}]\n'
+                    '[runtime]\ncache_dir = "c"\n[protocol.lowshot]\nsplit_dir = "s"\n')
+    raw, _ = read_suite_file(path)
+    base = str(path.parent)
+    assert (raw["data"], raw["output"], raw["runtime"]["cache_dir"]) == (f"{base}/d", f"{base}/o", f"{base}/c")
+    assert raw["checkpoints"] == [f"{base}/a.pth", "hf-hub:x/y", {"path": f"{base}/b.pth"}]
+    assert raw["protocol"]["lowshot"]["split_dir"] == f"{base}/s"
