@@ -285,6 +285,7 @@ def test_relative_paths_in_a_suite_file_are_relative_to_it(tmp_path: Path) -> No
                     '[runtime]\ncache_dir = "c"\n[protocol.lowshot]\nsplit_dir = "s"\n')
     raw, _ = read_suite_file(path)
     base = str(path.parent)
-    assert (raw["data"], raw["output"], raw["runtime"]["cache_dir"]) == (f"{base}/d", f"{base}/o", f"{base}/c")
+    got = (raw["data"], raw["output"], raw["runtime"]["cache_dir"])
+    assert got == (f"{base}/d", f"{base}/o", f"{base}/c")
     assert raw["checkpoints"] == [f"{base}/a.pth", "hf-hub:x/y", {"path": f"{base}/b.pth"}]
     assert raw["protocol"]["lowshot"]["split_dir"] == f"{base}/s"
