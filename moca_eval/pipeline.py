@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -57,15 +58,42 @@ class DataConfig:
     val_split: str = "val"
     resize: int | None = None  # default: crop / 0.875 (256 for 224)
     interpolation: str | None = "bicubic"  # None: the protocol recipe's
+    limit: float | None = None  # smoke runs: images per class (>= 1) or a fraction (0 < x < 1)
+
+    def __post_init__(self) -> None:
+        check_limit(self.limit)
 
     def splits(self) -> tuple[ImageFolderIndex, ImageFolderIndex]:
-        """Train and val indexes, labelled with the train classes."""
+        """Train and val indexes, labelled with the train classes (cut to ``limit`` if set)."""
         train = load_split(self.root, self.train_split)
         val = load_split(self.root, self.val_split, classes=train.classes)
         if train.root.resolve() == val.root.resolve():
             log.warning("--val-split %s is the training split %s: the accuracy reported is on the "
                         "training images, not held-out ones", self.val_split, self.train_split)
-        return train, val
+        return limit_per_class(train, self.limit), limit_per_class(val, self.limit)
+
+
+def check_limit(limit: float | None) -> None:
+    """``limit`` must be a whole number of images per class (>= 1) or a fraction in (0, 1)."""
+    if limit is None or 0 < limit < 1 or (limit >= 1 and float(limit).is_integer()):
+        return
+    raise ConfigError(f"--limit {limit:g}: expected images per class (1, 2, ...) or a fraction "
+                      "between 0 and 1")
+
+
+def limit_per_class(index: ImageFolderIndex, limit: float | None) -> ImageFolderIndex:
+    """The first ``limit`` images of each class (a fraction: ``ceil(limit x class size)``, at
+    least one), in dataset order; ``None``: ``index`` itself."""
+    if limit is None:
+        return index
+    by_class: dict[int, list[int]] = {}
+    for row, label in enumerate(index.labels):
+        by_class.setdefault(label, []).append(row)
+    keep = []
+    for rows in by_class.values():
+        n = int(limit) if limit >= 1 else max(1, math.ceil(limit * len(rows)))
+        keep.extend(rows[:n])
+    return index.subset(sorted(keep))
 
 
 @dataclass(frozen=True)
@@ -98,7 +126,8 @@ def dataset_info(job: FeatureJob, splits: tuple[ImageFolderIndex, ImageFolderInd
     """The record's ``dataset`` block for a train/val ImageFolder job."""
     d = job.data
     return dataset_block(d.root, splits={d.train_split: splits[0], d.val_split: splits[1]},
-                         n_classes=len(splits[0].classes), skipped=skipped)
+                         n_classes=len(splits[0].classes), skipped=skipped,
+                         **({"limit": d.limit} if d.limit is not None else {}))
 
 
 def transform_info(job: FeatureJob, img_size: int) -> dict:

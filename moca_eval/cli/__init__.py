@@ -23,7 +23,8 @@ from moca_eval.errors import MocaEvalError
 COMMANDS = (
     "demo", "knn", "extract", "inspect", "demo_data",
 )
-OPTIONAL_COMMANDS = ("lowshot", "splits", "plot", "linear", "finetune", "recipes", "pretrain", "seg", "det")
+OPTIONAL_COMMANDS = ("lowshot", "splits", "plot", "linear", "finetune", "recipes", "pretrain", "seg", "det",
+                     "run", "report")
 
 
 def _command_modules() -> list:

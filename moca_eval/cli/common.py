@@ -62,6 +62,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    "(default: img_size/0.875, i.e. 256 for 224)")
     g.add_argument("--interpolation", default="bicubic", choices=["bicubic", "bilinear"],
                    help="resize filter (default bicubic; low-shot: the recipe's)")
+    g.add_argument("--limit", type=float, help="smoke run: N images per class of every split, or a "
+                   "fraction 0<x<1 (recorded; reports mark such results non-comparable)")
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -99,7 +101,8 @@ def data_config(args: argparse.Namespace) -> DataConfig:
     from moca_eval.pipeline import DataConfig
 
     return DataConfig(root=args.data, train_split=args.train_split, val_split=args.val_split,
-                      resize=args.resize, interpolation=args.interpolation)
+                      resize=args.resize, interpolation=args.interpolation,
+                      limit=getattr(args, "limit", None))
 
 
 def extract_config(args: argparse.Namespace) -> ExtractConfig:

@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from moca_eval.data import eval_transform, load_split
     from moca_eval.families import FAMILIES, announce
     from moca_eval.features import check_feature_name, extract_features
+    from moca_eval.pipeline import limit_per_class
     from moca_eval.results import atomic_path
 
     job = common.feature_job(args)
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
              "--feature" if args.feature else f"family {backbone.family}")
     classes = load_split(args.data, args.train_split).classes if args.split != args.train_split \
         and (args.data / args.train_split).is_dir() else None
-    index = load_split(args.data, args.split, classes=classes)
+    index = limit_per_class(load_split(args.data, args.split, classes=classes), args.limit)
     transform = eval_transform(backbone.arch.img_size, resize=args.resize,
                                interpolation=args.interpolation)
     feats = extract_features(backbone, index, [feature], job.extract, transform=transform)
