@@ -30,9 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "linear.mode=cached backbone.img_size=448 runtime.batch_size=64")
     g = p.add_argument_group("runtime (override the suite file's [runtime])")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--num-workers", type=int)
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    g.add_argument("--batch-size", type=int, help="extraction batch per process (default: the suite's)")
+    g.add_argument("--num-workers", type=int, help="image-decoding workers (default: the suite's)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on GPU, fp32 on CPU (default: the suite's)")
     g.add_argument("--cache-dir", type=Path, help=f"feature cache (default {common.default_cache_dir()})")
     g.add_argument("--no-cache", action="store_true", help="no feature cache (every cell extracts)")
     p.add_argument("--no-progress", action="store_true", help="no live overview bar")
