@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from moca_eval import __version__
+from moca_eval.cli.common import check_args
 from moca_eval.errors import MocaEvalError
 
 # Subcommand modules under moca_eval.cli, in help order.
@@ -49,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        check_args(args)
         return int(args.func(args) or 0)
     except MocaEvalError as err:
         if args.debug:
