@@ -140,24 +140,26 @@ def log_lines(run: Path) -> int:
     return path.read_text().count("\n") if path.exists() else 0
 
 
-def kill_at_random_points(argv: list[object], run: Path, *, epochs: int, kills: int, seed: int) -> int:
+def kill_at_random_points(argv: list[object], run: Path, *, epochs: int, epoch_s: float, kills: int,
+                          seed: int) -> list[int]:
     """Start and SIGKILL the run ``kills`` times, each at a random point (after a random number of
-    finished epochs, plus a random delay: mid-epoch, mid-checkpoint-write, mid-log-append), then
-    plant a torn log line and a stale temp file and finish it; returns how many kills landed."""
+    finished epochs, plus a random part of an epoch's time ``epoch_s``: mid-epoch, mid-checkpoint
+    write, mid-log-append), then
+    plant a torn log line and a stale temp file and finish it; returns the epochs logged at each kill."""
     rng = random.Random(seed)
-    landed = 0
+    landed = []
     for attempt in range(kills):
         proc = cli(argv, resume=attempt > 0)
         after = rng.randrange(0, epochs - 1)
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
             if (run / outputs.MARKER).exists() and log_lines(run) >= after:
-                time.sleep(rng.uniform(0.0, 0.4))
+                time.sleep(rng.uniform(0.0, epoch_s))
                 break
             time.sleep(0.005)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-            landed += 1
+            landed.append(log_lines(run))
         proc.wait()
     if (run / runtime.LOG_NAME).exists():
         with open(run / runtime.LOG_NAME, "a") as handle:
@@ -194,8 +196,9 @@ def test_kill_at_random_points_and_resume_matches_an_uninterrupted_run(case, ckp
     reference = cli([*common, "--output-dir", tmp_path / "reference"], resume=False)
     _, err = reference.communicate(timeout=600)
     assert reference.returncode == 0, err[-3000:]
+    times = [json.loads(line)["time_s"] for line in (tmp_path / "reference" / runtime.LOG_NAME).open()]
     run = tmp_path / "killed"
     landed = kill_at_random_points([*common, "--output-dir", run], run, epochs=epochs, kills=3,
-                                   seed=sum(map(ord, case)))
-    assert landed >= 2
+                                   epoch_s=1.5 * sum(times) / len(times), seed=sum(map(ord, case)))
+    assert len(landed) >= 2, landed
     assert_same_result(run, tmp_path / "reference", epochs)
