@@ -237,8 +237,9 @@ def run_without_dense(code: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("command", ["seg", "det"])
 def test_item16_missing_dense_stack_is_one_line_with_the_install_hint(command, tmp_path):
-    proc = run_without_dense(f"from moca_eval.cli import main\nsys.exit(main(['{command}', '--ckpt', "
-                             f"'{tmp_path}/x.pth', '--data', '{tmp_path}/d', '--output-dir', '{tmp_path}/r']))")
+    argv = [command, "--ckpt", f"{tmp_path}/x.pth", "--data", f"{tmp_path}/d",
+            "--output-dir", f"{tmp_path}/r"]
+    proc = run_without_dense(f"from moca_eval.cli import main\nsys.exit(main({argv!r}))")
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(err) == 1, proc.stderr
     assert "stack is not installed" in err[0] and "python -m moca_eval.install_dense" in err[0]
