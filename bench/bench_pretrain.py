@@ -26,9 +26,11 @@ from dataclasses import replace
 
 import torch
 
+from moca_eval.distributed import DistInfo
 from moca_eval.pretrain.config import PRESETS, PretrainConfig, preset
 from moca_eval.pretrain.model import MOCA
-from moca_eval.pretrain.train import autocast, build_optimizer, grad_scaler, optimizer_step, step_generator
+from moca_eval.pretrain.train import build_optimizer, step_generator
+from moca_eval.runtime import Runtime, backward, optimizer_step, resolve_precision
 
 VARIANTS = {
     "1 round, full decoding": dict(mask_ratios=(0.55,), partial_decoding=None),
@@ -63,7 +65,8 @@ class Variant:
         self.device = device
         self.model = MOCA(cfg).to(device)
         self.optimizer = build_optimizer(self.model, cfg)
-        self.scaler = grad_scaler(cfg, device)
+        self.rt = Runtime(device, resolve_precision(cfg.precision, device), DistInfo())
+        self.scaler = self.rt.grad_scaler()
         shape = (batch, 3, cfg.img_size, cfg.img_size)
         self.x1, self.x2 = torch.randn(shape, device=device), torch.randn(shape, device=device)
         self.steps = 0
@@ -76,10 +79,11 @@ class Variant:
         self._sync()
         start = time.perf_counter()
         self.model.update_teacher(self.cfg.momentum)
-        with hooks, autocast(self.cfg, self.device):
+        with hooks, self.rt.autocast():
             out = self.model(self.x1, self.x2, generator=step_generator(0, self.steps))
-        optimizer_step(self.model, out.loss, self.optimizer, clip_grad=self.cfg.clip_grad,
-                       scaler=self.scaler)
+        self.optimizer.zero_grad(set_to_none=True)
+        backward(out.loss, self.scaler)
+        optimizer_step(self.model, self.optimizer, clip_grad=self.cfg.clip_grad, scaler=self.scaler)
         self._sync()
         self.steps += 1
         return float(saved.total) if count_saved else time.perf_counter() - start

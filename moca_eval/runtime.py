@@ -3,7 +3,9 @@
 The one runtime of moca-eval, used by the protocols, pretraining, segmentation and detection:
 
 - ``Runtime`` / ``make_runtime``: join the ``torchrun`` group (gloo on CPU, NCCL on GPU), resolve
-  device and precision (bf16 autocast on GPU); ``wrap_ddp``, ``unwrap``, ``sync_grads``,
+  device and precision (``resolve_device``, ``resolve_precision``: bf16 autocast on GPUs that
+  have it, fp16 with a grad scaler on older ones, fp32 on CPU); ``Runtime.autocast``,
+  ``Runtime.grad_scaler``, ``optimizer_step``; ``wrap_ddp``, ``unwrap``, ``sync_grads``,
   ``all_reduce_sum``.
 - Seeds: ``derive_seed`` (well-mixed seeds from coordinates), ``seed_all``.
 - ``BatchPlan`` / ``make_plan``: a global batch split over processes and accumulation steps; a
@@ -35,7 +37,6 @@ from moca_eval import distributed
 from moca_eval.checkpoint_io import read_checkpoint
 from moca_eval.distributed import DistInfo
 from moca_eval.errors import CheckpointError, ConfigError
-from moca_eval.features import ExtractConfig
 from moca_eval.results import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -43,36 +44,93 @@ CHECKPOINT_NAME = "checkpoint.pth"
 LOG_NAME = "log.jsonl"
 
 
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and how a process trains."""
 
     device: torch.device
-    precision: Literal["fp32", "bf16"]
+    precision: Precision
     dist: DistInfo
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast when ``precision`` is bf16, a no-op otherwise."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        """bf16 or fp16 autocast per ``precision``; a no-op for fp32."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16 only: a loss scaler starting at 65536 (MOCA's ``--init_scale``)."""
+        if self.precision != "fp16":
+            return None
+        return torch.amp.GradScaler(self.device.type, init_scale=65536.0)
 
 
-def make_runtime(extract: ExtractConfig) -> Runtime:
-    """Join the ``torchrun`` group (gloo on CPU, NCCL on GPU) and resolve device and precision."""
-    info = distributed.init_from_env(extract.device)
-    device = extract.resolved_device()
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    """``auto``: this process's GPU when there is one, else the CPU; ``cuda`` under ``torchrun``:
+    this process's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
     if device.type == "cuda":
-        if device.index is None:  # "--device cuda" under torchrun: this process's GPU
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} requested but no CUDA GPU is visible")
+        if device.index is None:
             device = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(device)
-    return Runtime(device, extract.resolved_precision(), info)
+    return device
 
 
-def wrap_ddp(module: nn.Module, rt: Runtime) -> nn.Module:
-    """``DistributedDataParallel`` under ``torchrun``; the module itself in a single process."""
+def resolve_precision(requested: str, device: torch.device, *, bf16_supported: bool | None = None
+                      ) -> Precision:
+    """``auto``: fp32 on CPU; bf16 on a GPU that has it (fp32's exponent range, no loss scaling),
+    fp16 with a grad scaler on older GPUs."""
+    if requested != "auto":
+        return requested  # type: ignore[return-value]
+    if device.type != "cuda":
+        return "fp32"
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    return "bf16" if bf16_supported else "fp16"
+
+
+def make_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+    """Join the ``torchrun`` group (gloo on CPU, NCCL on GPU) and resolve device and precision."""
+    info = distributed.init_from_env(device)
+    resolved = resolve_device(device, info)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    return Runtime(resolved, resolve_precision(precision, resolved), info)
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, clip_grad: float | None = None,
+                   scaler: torch.amp.GradScaler | None = None) -> None:
+    """Clip the global gradient norm at ``clip_grad`` (unscaled first in fp16), step, update the
+    scaler (MOCA's ``NativeScalerWithGradNormCount``). Gradients are left for the caller to zero."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
+def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
+    """``loss.backward()``, scaled first when training in fp16."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def wrap_ddp(module: nn.Module, rt: Runtime, **options: Any) -> nn.Module:
+    """``DistributedDataParallel`` (with ``options``) under ``torchrun``; the module itself alone."""
     if rt.dist.world_size == 1:
         return module
     ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids)
+    return DistributedDataParallel(module, device_ids=ids, **options)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -32,11 +32,10 @@ def find_images(data_dir: str | Path) -> list[Path]:
     Raises:
         DatasetError: no such directory, or no image files in it.
     """
-    root = Path(data_dir)
+    root = image_root(data_dir)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such directory (expected a folder of images)")
-    if (root / "train").is_dir():
-        root = root / "train"
+    if root != Path(data_dir):
         log.info("pretraining on %s (the train split of %s)", root, data_dir)
     found = sorted(
         Path(folder) / name
@@ -47,6 +46,12 @@ def find_images(data_dir: str | Path) -> list[Path]:
     if not found:
         raise DatasetError(f"{root}: no image files found (looked for .jpg/.jpeg/.png/... recursively)")
     return found
+
+
+def image_root(data_dir: str | Path) -> Path:
+    """``data_dir/train`` when it exists (an ImageFolder root), else ``data_dir``."""
+    root = Path(data_dir)
+    return root / "train" if (root / "train").is_dir() else root
 
 
 def view_seed(seed: int, epoch: int, index: int) -> int:

@@ -290,7 +290,7 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
         FINETUNE_RECIPES.canonical(cfg.recipe)
     clock = Clock()
     train_index, val_index = cfg.job.data.splits()
-    rt = runtime.make_runtime(cfg.job.extract)
+    rt = runtime.make_runtime(cfg.job.extract.device, cfg.job.extract.resolved_precision())
     backbone = cfg.job.backbone.load()
     recipe, why = resolve_recipe(FINETUNE_RECIPES, "finetune", backbone, cfg.recipe, cfg.overrides)
     cfg = replace(cfg, recipe=recipe)

@@ -322,7 +322,7 @@ def run(cfg: LinearConfig) -> LinearResult:
     _check(cfg)
     clock = Clock()
     splits = cfg.job.data.splits()
-    rt = runtime.make_runtime(cfg.job.extract)
+    rt = runtime.make_runtime(cfg.job.extract.device, cfg.job.extract.resolved_precision())
     backbone = cfg.job.backbone.load()
     recipe, why = resolve_recipe(LINEAR_RECIPES, "linear", backbone, cfg.recipe, cfg.overrides)
     cfg = replace(cfg, recipe=recipe)

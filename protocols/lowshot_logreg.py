@@ -36,22 +36,25 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from scipy.special import logsumexp, softmax
 
 from moca_eval.errors import ConfigError
+from moca_eval.protocols.lowshot_settings import (  # noqa: F401 (re-exported)
+    CYANURE_SOLVERS,
+    DEFAULT_DTYPE,
+    DEFAULT_MAX_ITER,
+    DEFAULT_TOL,
+    SKLEARN_MAX_ITER,
+    SKLEARN_TOL,
+    SOLVERS,
+    TORCH_MAX_ITER,
+    TORCH_TOL,
+    DType,
+)
 
 log = logging.getLogger(__name__)
-
-CYANURE_SOLVERS: tuple[str, ...] = (
-    "auto", "catalyst-miso", "qning-miso", "miso", "svrg", "catalyst-svrg", "qning-svrg",
-    "acc-svrg", "ista", "fista", "catalyst-ista", "qning-ista",
-)
-SOLVERS: tuple[str, ...] = (*CYANURE_SOLVERS, "sklearn", "torch")
-DType = Literal["float32", "float64"]
-
 
 def _cuda_available() -> bool:
     try:
@@ -61,20 +64,8 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-# cyanure settings chosen with bench/bench_lowshot.py (BENCHMARKS.md): 'auto' resolves to
-# catalyst-miso at lambda 0.1 and to qning-miso at 2.5e-4; float32 is NOT safe (its duality
-# gap is wrong, so it stops early: -23 points at lambda 0.1). With a GPU the torch solver.
+# With a GPU the torch solver; else cyanure 'auto' (lowshot_settings.py says why).
 DEFAULT_SOLVER: str = "torch" if _cuda_available() else "auto"
-DEFAULT_DTYPE: DType = "float64"
-# every solver but sklearn: certified gap <= tol * min(F(W), F(0) - F(W)) (module docstring)
-DEFAULT_TOL: float = 1e-3
-DEFAULT_MAX_ITER: int = 300  # cyanure passes (MSN's); then the torch solver takes over
-# L-BFGS makes tightening cheap (+30% passes from 1e-3 to 1e-6 on the tests' problems)
-TORCH_TOL: float = 1e-6
-TORCH_MAX_ITER: int = 2000
-# The float64 L-BFGS reference: a gradient tolerance, so much tighter.
-SKLEARN_TOL: float = 1e-8
-SKLEARN_MAX_ITER: int = 5000
 
 
 def solver_defaults(solver: str) -> tuple[str, float, int]:

@@ -1,5 +1,9 @@
-"""``moca-eval``: a thin command line. Each subcommand module parses, builds a config, calls
-the library and prints; argparse namespaces never leave this package.
+"""moca-eval: evaluate self-supervised ViT checkpoints (MOCA, DINO, iBOT, MAE, MSN, MoCo-v3,
+DINOv2, timm) with the published protocols: k-NN, linear probe, low-shot, fine-tuning,
+Cityscapes segmentation, COCO detection; and pretrain MOCA. Start with `moca-eval demo`.
+
+(For developers: a thin command line. Each subcommand module parses, builds a config, calls
+the library and prints; argparse namespaces never leave this package.)
 
 Exit codes: 0 success, 1 runtime failure, 2 bad input (a one-line message, no traceback).
 """
@@ -35,7 +39,8 @@ def _command_modules() -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moca-eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="moca-eval", description=__doc__.split("\n\n")[0],
+                                     epilog="`moca-eval COMMAND --help` describes a command.")
     parser.add_argument("--version", action="version", version=f"moca-eval {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -55,18 +55,21 @@ def add_backbone_args(p: argparse.ArgumentParser, *, ckpt_required: bool = True,
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", type=Path, required=True, help="dataset root with train/ and val/")
-    g.add_argument("--train-split", default="train")
-    g.add_argument("--val-split", default="val")
+    g.add_argument("--train-split", default="train", help="training folder under --data (default train)")
+    g.add_argument("--val-split", default="val", help="evaluation folder under --data (default val)")
     g.add_argument("--resize", type=int, help="shorter side before the center crop "
                    "(default: img_size/0.875, i.e. 256 for 224)")
-    g.add_argument("--interpolation", default="bicubic", choices=["bicubic", "bilinear"])
+    g.add_argument("--interpolation", default="bicubic", choices=["bicubic", "bilinear"],
+                   help="resize filter (default bicubic; low-shot: the recipe's)")
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    g.add_argument("--batch-size", type=int, default=128,
+                   help="images per forward pass of feature extraction, per process (default 128)")
+    g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="image-decoding worker processes (default: min(8, CPU cores))")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
     g.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
@@ -130,7 +133,8 @@ def emit(table_rows: list[dict], columns: list[str], payload: dict, output: Path
 
 def add_training_run_args(g: argparse._ArgumentGroup, protocol: str) -> None:
     """``--seed``, ``--output-dir`` and ``--resume`` of the training protocols."""
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of initialisation, data order and augmentation (default 0)")
     g.add_argument("--output-dir", type=Path, help="checkpoint, log.jsonl and results.json "
                    f"(default: runs/{protocol}/<checkpoint name>)")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")

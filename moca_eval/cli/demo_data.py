@@ -9,10 +9,10 @@ from pathlib import Path
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo-data", help="generate the built-in demo dataset (ImageFolder)")
     p.add_argument("out", type=Path, help="output directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-per-class", type=int, default=40)
-    p.add_argument("--val-per-class", type=int, default=10)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated images (default 0)")
+    p.add_argument("--train-per-class", type=int, default=40, help="train images per class (default 40)")
+    p.add_argument("--val-per-class", type=int, default=10, help="val images per class (default 10)")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
     p.set_defaults(func=run)
 
 

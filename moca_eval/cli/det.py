@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="global batch, reached by gradient accumulation when --batch-size x processes "
                    "is smaller (default 16)")
     g.add_argument("--batch-size", type=int, default=2, help="images per process and step (default 2)")
-    g.add_argument("--drop-path", type=float, default=0.2, dest="drop_path_rate")
+    g.add_argument("--drop-path", type=float, default=0.2, dest="drop_path_rate",
+                   help="stochastic depth rate of the backbone (default 0.2, ViTDet/MAE)")
     g.add_argument("--no-random-crop", action="store_true", help="multi-scale training without the "
                    "DETR-style random-crop branch")
     g.add_argument("--train-sizes", type=int, nargs="+", metavar="SHORT",

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from moca_eval.cli import common
 
 
@@ -23,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from moca_eval.data import eval_transform, load_split
     from moca_eval.families import FAMILIES, announce
     from moca_eval.features import check_feature_name, extract_features

@@ -31,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--cutmix", type=float, help="cutmix alpha, 0 disables (default: the recipe's)")
     g.add_argument("--aa", help="timm RandAugment policy, or 'none'")
     g.add_argument("--reprob", type=float, help="random erasing probability")
-    g.add_argument("--global-pool", choices=["avg", "token"])
+    g.add_argument("--global-pool", choices=["avg", "token"],
+                   help="classifier input: mean of the patch tokens or the CLS token (default: the recipe's)")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate on val every N epochs (default 1)")
     common.add_training_run_args(g, "finetune")
     common.add_runtime_args(p)

@@ -11,10 +11,9 @@ COLUMNS = ["setting", "lambda", "split 1", "split 2", "split 3", "mean", "std", 
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from moca_eval.protocols.lowshot_logreg import (
+    from moca_eval.protocols.lowshot_settings import (
         DEFAULT_DTYPE,
         DEFAULT_MAX_ITER,
-        DEFAULT_SOLVER,
         DEFAULT_TOL,
         SKLEARN_MAX_ITER,
         SKLEARN_TOL,
@@ -51,9 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--select-lambda", action="store_true", help="pick one of several --lambd "
                    "per split by cross-validation on that split's training images (never val)")
     g.add_argument("--cv-folds", type=int, default=5, help="folds of --select-lambda (default 5)")
-    g.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS,
-                   help=f"solver (default here: {DEFAULT_SOLVER}; 'torch' when CUDA is "
-                   "available, else cyanure 'auto'): a cyanure name, 'torch' = float64 "
+    g.add_argument("--solver", choices=SOLVERS,
+                   help="solver (default: 'torch' when CUDA is available, else cyanure "
+                   "'auto'): a cyanure name, 'torch' = float64 "
                    "L-BFGS on the GPU (or CPU), 'sklearn' = scikit-learn L-BFGS float64")
     g.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["float32", "float64"],
                    help="cyanure precision (default %(default)s; float32 stops early with poor "
@@ -82,9 +81,9 @@ def config_from_args(args: argparse.Namespace):
         job=job, recipe=args.recipe, shots=tuple(args.shots), percents=tuple(args.percent),
         n_splits=args.splits, split_dir=args.split_dir, seed=args.seed, feature=args.feature,
         lambdas=tuple(args.lambd) if args.lambd else None, select_lambda=args.select_lambda,
-        cv_folds=args.cv_folds, allow_short=args.allow_short, solver=args.solver,
-        dtype=args.dtype, tol=args.tol, max_iter=args.max_iter, n_threads=args.threads,
-        train_features=args.train_features)
+        cv_folds=args.cv_folds, allow_short=args.allow_short,
+        solver=args.solver or lowshot.DEFAULT_SOLVER, dtype=args.dtype, tol=args.tol,
+        max_iter=args.max_iter, n_threads=args.threads, train_features=args.train_features)
 
 
 def table_rows(result) -> list[dict]:

@@ -27,8 +27,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, help="Cityscapes root (leftImg8bit/, gtFine/)")
     common.add_backbone_args(p, ckpt_required=False, img_size=False)
     g = p.add_argument_group("protocol (defaults: Segmenter's Cityscapes recipe, PROTOCOLS.md)")
-    g.add_argument("--mode", default="linear", choices=["linear", "finetune"])
-    g.add_argument("--train-size", default="100", choices=["100", "372", "full"])
+    g.add_argument("--mode", default="linear", choices=["linear", "finetune"],
+                   help="linear: frozen backbone + linear decoder; finetune: everything (default linear)")
+    g.add_argument("--train-size", default="100", choices=["100", "372", "full"],
+                   help="training images: French et al.'s 100 or 372 splits, or all 2975 (default 100)")
     g.add_argument("--split-seed", type=int, nargs="+", dest="split_seeds",
                    help="French et al. split seeds (default: 12345 23456 34567)")
     g.add_argument("--names", type=Path, help="train on the images listed in this file instead "

@@ -14,11 +14,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     m = actions.add_parser("make", help="generate nested, stratified splits from a seed")
     m.add_argument("--data", type=Path, required=True, help="dataset root with train/")
-    m.add_argument("--train-split", default="train")
-    m.add_argument("--shots", type=int, nargs="*", default=[1, 2, 5])
-    m.add_argument("--percent", type=float, nargs="*", default=[1.0])
-    m.add_argument("--splits", type=int, default=3)
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--train-split", default="train", help="training folder under --data (default train)")
+    m.add_argument("--shots", type=int, nargs="*", default=[1, 2, 5], help="images per class (default 1 2 5)")
+    m.add_argument("--percent", type=float, nargs="*", default=[1.0], help="percent per class (default 1)")
+    m.add_argument("--splits", type=int, default=3, help="split files per setting (default 3)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the image draws (default 0)")
     m.add_argument("--allow-short", action="store_true",
                    help="a class with fewer images than a shot count gives all it has")
     m.add_argument("--out", type=Path, required=True, help="new (or empty) output directory")
@@ -27,13 +27,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v = actions.add_parser("verify", help="check a generated directory against its manifest")
     v.add_argument("split_dir", type=Path)
     v.add_argument("--data", type=Path, help="also check every image exists in DATA/train")
-    v.add_argument("--train-split", default="train")
+    v.add_argument("--train-split", default="train", help="training folder under --data (default train)")
     v.set_defaults(func=run_verify)
 
     s = actions.add_parser("stats", help="per-class counts and overlaps between splits")
     s.add_argument("split_dir", type=Path)
     s.add_argument("--data", type=Path, help="dataset (class list; checks the names exist)")
-    s.add_argument("--train-split", default="train")
+    s.add_argument("--train-split", default="train", help="training folder under --data (default train)")
     s.add_argument("--per-class", action="store_true", help="print every class's counts")
     s.set_defaults(func=run_stats)
 

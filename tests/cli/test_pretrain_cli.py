@@ -25,7 +25,7 @@ def images(tmp_path_factory):
 
 def test_pretrain_tiny_writes_a_loadable_teacher_and_resumes(images, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["pretrain", "--data", str(images), "--config", "tiny", "--epochs", "1", "--output",
+    args = ["pretrain", "--data", str(images), "--config", "tiny", "--epochs", "1", "--output-dir",
             str(out), "--batch-size", "4", "--num-workers", "0", "--no-progress",
             "--mask-ratios", "0.6", "--partial-decoding", "none", "--num-words", "64",
             "--num-new-words", "4"]
@@ -35,7 +35,8 @@ def test_pretrain_tiny_writes_a_loadable_teacher_and_resumes(images, tmp_path, c
     summary = json.loads((out / "summary.json").read_text())
     cfg = summary["config"]
     assert cfg["mask_ratios"] == [0.6] and cfg["partial_decoding"] is None and cfg["num_words"] == 64
-    assert cfg["batch_size"] == 4 and cfg["num_new_words"] == 4 and len(summary["history"]) == 1
+    assert cfg["batch_size"] == 4 and cfg["num_new_words"] == 4 and len(summary["metrics"]["rows"]) == 1
+    assert cfg["recipe"]["why"].startswith("preset tiny with ") and "num_words" in cfg["recipe"]["why"]
     backbone = load_backbone(out / "teacher.pth", img_size=cfg["img_size"])
     assert backbone.arch.embed_dim == 192 and backbone.pos_embed == "sincos"
     assert main([*args, "--epochs", "2", "--resume"]) == 0  # one more epoch
@@ -47,21 +48,21 @@ def test_existing_output_without_resume_is_exit_2(images, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint-last.pth").write_bytes(b"")
-    code = main(["pretrain", "--data", str(images), "--output", str(out), "--batch-size", "8",
+    code = main(["pretrain", "--data", str(images), "--output-dir", str(out), "--batch-size", "8",
                  "--num-new-words", "8", "--no-progress"])
     assert code == 2
     assert "already holds checkpoint-last.pth; pass --resume" in capsys.readouterr().err
 
 
 def test_missing_data_dir_is_exit_2(tmp_path, capsys):
-    code = main(["pretrain", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])
+    code = main(["pretrain", "--data", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o")])
     assert code == 2
     assert "nope: no such directory" in capsys.readouterr().err
 
 
 def test_bad_mask_ratios_are_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["pretrain", "--data", str(tmp_path), "--output", str(tmp_path), "--mask-ratios", "a,b"])
+        main(["pretrain", "--data", str(tmp_path), "--output-dir", str(tmp_path), "--mask-ratios", "a,b"])
     assert "comma-separated ratios" in capsys.readouterr().err
 
 
@@ -91,7 +92,8 @@ def test_demo_pretrains_then_compares_teacher_and_random_init_and_reruns_without
 
 def test_resume_from_a_missing_checkpoint_file_is_exit_2(images, tmp_path, capsys):
     missing = tmp_path / "official" / "checkpoint-99.pth"
-    code = main(["pretrain", "--data", str(images), "--output", str(tmp_path / "run"), "--batch-size", "8",
-                 "--num-new-words", "8", "--num-workers", "0", "--no-progress", "--resume", str(missing)])
+    code = main(["pretrain", "--data", str(images), "--output-dir", str(tmp_path / "run"),
+                 "--batch-size", "8", "--num-new-words", "8", "--num-workers", "0", "--no-progress",
+                 "--resume", str(missing)])
     assert code == 2
     assert f"{missing}: nothing to resume" in capsys.readouterr().err

@@ -10,13 +10,8 @@ from moca_eval.distributed import DistInfo
 from moca_eval.pretrain.assign import cosine_to_codebook
 from moca_eval.pretrain.model import MOCA
 from moca_eval.pretrain.schedules import teacher_momentum
-from moca_eval.pretrain.train import (
-    _Run,
-    build_optimizer,
-    optimizer_step,
-    resolve_precision,
-    train_step,
-)
+from moca_eval.pretrain.train import _Run, build_optimizer, train_step
+from moca_eval.runtime import Runtime, backward, optimizer_step, resolve_precision
 
 
 def _linear_with_gradient(x):
@@ -32,7 +27,8 @@ def test_gradient_is_clipped_to_norm_01_before_the_adamw_step(scaled):
     w, loss = _linear_with_gradient(torch.tensor([30.0, 40.0, 0.0]))
     optimizer = torch.optim.AdamW([w], lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=65536.0) if scaled else None
-    optimizer_step(torch.nn.ParameterList([w]), loss, optimizer, clip_grad=0.1, scaler=scaler)
+    backward(loss, scaler)
+    optimizer_step(torch.nn.ParameterList([w]), optimizer, clip_grad=0.1, scaler=scaler)
     clipped = torch.tensor([0.06, 0.08, 0.0])
     assert torch.allclose(w.grad, clipped, atol=1e-7)
     assert torch.allclose(optimizer.state[w]["exp_avg"], 0.1 * clipped, atol=1e-8)  # (1 - beta1) g
@@ -43,7 +39,8 @@ def test_gradient_is_clipped_to_norm_01_before_the_adamw_step(scaled):
 
 def test_no_clipping_when_off():
     w, loss = _linear_with_gradient(torch.tensor([30.0, 40.0, 0.0]))
-    optimizer_step(torch.nn.ParameterList([w]), loss, torch.optim.AdamW([w]), clip_grad=None)
+    loss.backward()
+    optimizer_step(torch.nn.ParameterList([w]), torch.optim.AdamW([w]), clip_grad=None)
     assert torch.equal(w.grad, torch.tensor([30.0, 40.0, 0.0]))
 
 
@@ -52,9 +49,8 @@ def test_no_clipping_when_off():
     [("auto", "cpu", False, "fp32"), ("auto", "cuda", True, "bf16"), ("auto", "cuda", False, "fp16"),
      ("fp16", "cuda", True, "fp16"), ("bf16", "cpu", False, "bf16"), ("fp32", "cuda", True, "fp32")],
 )
-def test_precision_auto_is_bf16_on_gpus_that_have_it(micro_cfg, precision, device, bf16, expected):
-    cfg = micro_cfg(precision=precision)
-    assert resolve_precision(cfg, torch.device(device), bf16_supported=bf16) == expected
+def test_precision_auto_is_bf16_on_gpus_that_have_it(precision, device, bf16, expected):
+    assert resolve_precision(precision, torch.device(device), bf16_supported=bf16) == expected
 
 
 def _micro_run(cfg):
@@ -64,8 +60,8 @@ def _micro_run(cfg):
         for p in model.encoder.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.01)
-    return _Run(cfg, DistInfo(), torch.device("cpu"), model, model, build_optimizer(model, cfg),
-                loader=None, run_dir=None)
+    rt = Runtime(torch.device("cpu"), "fp32", DistInfo())
+    return _Run(cfg, rt, model, model, build_optimizer(model, cfg), loader=None, run_dir=None)
 
 
 def test_teacher_ema_comes_before_the_forward_with_this_steps_momentum(micro_cfg):

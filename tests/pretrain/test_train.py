@@ -1,6 +1,7 @@
 """End-to-end training on a micro config: files, checkpoint layout, loaders, exact resume."""
 
 import argparse
+import hashlib
 import json
 import shutil
 from dataclasses import replace
@@ -14,6 +15,7 @@ from moca_eval.errors import ConfigError
 from moca_eval.pretrain import run
 from moca_eval.pretrain.model import MOCA
 from moca_eval.pretrain.official import from_official
+from moca_eval.record import validate_record
 
 STEP_KEYS = {"epoch", "step", "loss", "loss_img", "loss_loc", "tau", "codebook_usage", "lr",
              "momentum", "imgs_per_s"}
@@ -47,7 +49,14 @@ def test_run_writes_moca_layout_checkpoint_teacher_log_and_summary(trained):
     assert [r["step"] for r in records] == list(range(6)) and set(records[0]) == STEP_KEYS
     assert [h["epoch"] for h in result.history] == [0, 1, 2]
     summary = json.loads((result.output_dir / "summary.json").read_text())
-    assert summary["config"]["epochs"] == 3 and summary["epochs_done"] == 3
+    validate_record(summary)
+    assert summary == result.to_dict() and summary["protocol"] == "pretrain"
+    assert summary["config"]["epochs"] == 3 and summary["metrics"]["values"]["epochs_done"] == 3
+    assert [row["epoch"] for row in summary["metrics"]["rows"]] == [0, 1, 2]
+    assert summary["metrics"]["headline"]["value"] == pytest.approx(result.history[-1]["loss"])
+    assert summary["checkpoint"]["sha256"] == hashlib.sha256(result.teacher.read_bytes()).hexdigest()
+    assert summary["checkpoint"]["family"] == "moca" and summary["checkpoint"]["family_source"] == "trained"
+    assert summary["dataset"]["splits"] == {"train": 16} and summary["config"]["recipe"]["name"] == "tiny"
     assert (result.output_dir / "checkpoint-0.pth").is_file()
 
 
