@@ -5,12 +5,14 @@
   not be an input (checkpoint, dataset, split file) or lie inside an input folder, and an existing
   output file must be one moca-eval writes (a result record, an ``extract`` archive, a plot).
 - ``claim_run_dir``: a run directory holds ``MARKER`` naming the command that owns it; another
-  command (or a non-empty folder without the marker) is refused, and the run's stale temporary
-  files (``.<name>.*.tmp`` of ``results.atomic_path``, left by a kill) are removed.
+  command (or a folder without the marker holding files the command does not write) is refused,
+  and the run's stale temporary files (``.<name>.*.tmp`` of ``results.atomic_path``, left by a
+  kill) are removed.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -101,11 +103,14 @@ def check_output_dir(path: Path, *, inputs: Iterable[Path] = (), what: str = "--
     _check_writable(path / ".probe", what)
 
 
-def claim_run_dir(path: Path, command: str) -> None:
+def claim_run_dir(path: Path, command: str, *, own_files: tuple[str, ...] = ()) -> None:
     """Make ``path`` the run directory of ``command`` (main process only), or refuse it.
 
+    A folder without the marker is taken when it is empty, or when it holds ``command``'s
+    checkpoint (``own_files[0]``, a glob) and nothing but ``own_files`` (a run from before markers).
+
     Raises:
-        ConfigError: the folder belongs to another command, or is not empty and has no marker.
+        ConfigError: the folder belongs to another command, or holds files ``command`` did not write.
     """
     from moca_eval import distributed
 
@@ -115,7 +120,7 @@ def claim_run_dir(path: Path, command: str) -> None:
     if owner is not None and owner != command:
         raise ConfigError(f"{path}: a `moca-eval {owner}` run directory; `{command}` will not write "
                           "into it, choose another --output-dir")
-    if owner is None and path.is_dir() and any(path.iterdir()):
+    if owner is None and not _adoptable(path, own_files):
         raise ConfigError(f"{path}: not empty and not a moca-eval {command} run directory (no {MARKER});"
                           " choose a new or empty --output-dir")
     if not distributed.current().is_main:
@@ -123,6 +128,14 @@ def claim_run_dir(path: Path, command: str) -> None:
     remove_stale_temps(path)
     if owner is None:
         write_json_atomic(path / MARKER, {"command": command, "created_utc": utc_now()})
+
+
+def _adoptable(path: Path, own_files: tuple[str, ...]) -> bool:
+    names = [p.name for p in path.iterdir() if not p.name.endswith(".tmp")] if path.is_dir() else []
+    if not names:
+        return True
+    ours = all(any(fnmatch.fnmatch(n, pattern) for pattern in own_files) for n in names)
+    return bool(own_files) and ours and any(fnmatch.fnmatch(n, own_files[0]) for n in names)
 
 
 def run_dir_owner(path: Path) -> str | None:

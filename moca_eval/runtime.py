@@ -42,6 +42,8 @@ from moca_eval.results import atomic_path, write_json_atomic
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pth"
 LOG_NAME = "log.jsonl"
+# What a training protocol writes in its run directory (the checkpoint first).
+RUN_FILES = (CHECKPOINT_NAME, LOG_NAME, "results.json", "decodable-*.json")
 
 
 Precision = Literal["fp32", "bf16", "fp16"]

@@ -297,7 +297,7 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
     if recipe.epochs < 1 or recipe.blr <= 0:
         raise ConfigError("epochs and blr must be positive")
     if cfg.output_dir is not None:
-        outputs.claim_run_dir(cfg.output_dir, "finetune")
+        outputs.claim_run_dir(cfg.output_dir, "finetune", own_files=runtime.RUN_FILES)
     splits = (train_index, val_index)
     train_index, val_index, skipped = _decodable(cfg, splits)
     num_classes = len(train_index.classes)

@@ -329,7 +329,7 @@ def run(cfg: LinearConfig) -> LinearResult:
     _check_recipe(cfg)
     names = tuple(check_feature_name(n) for n in dict.fromkeys(recipe.features))
     if cfg.output_dir is not None:
-        outputs.claim_run_dir(cfg.output_dir, "linear")
+        outputs.claim_run_dir(cfg.output_dir, "linear", own_files=runtime.RUN_FILES)
     data = prepare_data(cfg, backbone, names, splits)
     micro = cfg.micro_batch or (cfg.job.extract.batch_size if cfg.mode == "augmented" else None)
     plan = runtime.make_plan(recipe.batch_size, micro, rt.dist.world_size)
