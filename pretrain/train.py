@@ -167,13 +167,19 @@ def train_one_epoch(run: _Run, epoch: int, log: runtime.JsonlLog) -> None:
 
 
 def prepare_run_dir(cfg: PretrainConfig, *, create: bool = True) -> Path:
-    """The output directory; an existing checkpoint there needs ``resume``."""
+    """The output directory; an existing checkpoint there needs ``resume``, and ``resume`` needs a
+    checkpoint or a pretraining run directory (one killed before its first checkpoint restarts)."""
     if not cfg.output_dir:
         raise ConfigError("no output directory given (--output-dir RUN_DIR)")
     run_dir = Path(cfg.output_dir)
-    if (run_dir / checkpoint.CHECKPOINT).exists() and not cfg.resume:
+    has_checkpoint = (run_dir / checkpoint.CHECKPOINT).exists()
+    if has_checkpoint and not cfg.resume:
         raise ConfigError(f"{run_dir}: already holds {checkpoint.CHECKPOINT}; pass --resume to "
                           "continue that run or choose another --output-dir")
+    started = has_checkpoint or cfg.resume_from or outputs.run_dir_owner(run_dir) == "pretrain"
+    if cfg.resume and not started:
+        raise ConfigError(f"{run_dir / checkpoint.CHECKPOINT}: nothing to resume (no checkpoint); drop "
+                          "--resume to start anew")
     if create:
         outputs.claim_run_dir(run_dir, "pretrain", own_files=RUN_FILES)
     return run_dir
@@ -232,7 +238,10 @@ def run(cfg: PretrainConfig, *, strict: bool = False) -> PretrainResult:
     clock = Clock()
     state = _setup(cfg, strict=strict)
     start = 0
-    if cfg.resume:
+    if cfg.resume and not cfg.resume_from and not (state.run_dir / checkpoint.CHECKPOINT).is_file():
+        logging.getLogger(__name__).info("%s: killed before its first checkpoint; starting anew",
+                                         state.run_dir)
+    elif cfg.resume:
         start = checkpoint.load_for_resume(state.run_dir, cfg, model=state.model,
                                            optimizer=state.optimizer, scaler=state.scaler)
         if state.rt.dist.is_main and start > 0:  # a kill between the two files: teacher.pth follows
