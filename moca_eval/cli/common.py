@@ -165,14 +165,20 @@ def check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
     check_device(getattr(args, "device", None))
     inputs = [Path(p) for name in INPUT_ARGS for p in _as_list(getattr(args, name, None))]
-    for dest, flag in FILE_OUTPUT_ARGS.items():
-        if getattr(args, dest, None) is not None and dest not in getattr(args, "dir_outputs", ()):
+    # A command names its other outputs with set_defaults(file_outputs=..., dir_outputs=...).
+    files = {**FILE_OUTPUT_ARGS, **{d: _flag(d) for d in getattr(args, "file_outputs", ())}}
+    dirs = {**DIR_OUTPUT_ARGS, **{d: _flag(d) for d in getattr(args, "dir_outputs", ())}}
+    for dest, flag in files.items():
+        if getattr(args, dest, None) is not None:
             outputs.check_output_file(getattr(args, dest), inputs=inputs, what=flag)
-    dirs = {**DIR_OUTPUT_ARGS, **{d: f"--{d.replace('_', '-')}" for d in getattr(args, "dir_outputs", ())}}
     for dest, flag in dirs.items():
         skip = dest == "cache_dir" and getattr(args, "no_cache", False)
         if getattr(args, dest, None) is not None and not skip:
             outputs.check_output_dir(getattr(args, dest), inputs=inputs, what=flag)
+
+
+def _flag(dest: str) -> str:
+    return f"--{dest.replace('_', '-')}"
 
 
 def _as_list(value: object) -> list:
