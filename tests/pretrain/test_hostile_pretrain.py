@@ -9,36 +9,25 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from kill_resume import cli, kill_at_random_points
-from PIL import Image
 
 from moca_eval import outputs
 from moca_eval.checkpoint_io import read_checkpoint
 from moca_eval.cli import main, one_line
 from moca_eval.errors import DatasetError
 from moca_eval.pretrain import checkpoint, official
-from moca_eval.pretrain.config import preset
 from moca_eval.pretrain.train import run
 
-MICRO = dict(depth=2, img_size=32, patch_size=8, border=1, num_words=32, num_new_words=4, decoder_dim=32,
-             decoder_heads=2, decoder_depth=1, decoder_layer=1, epochs=2, warmup_epochs=1, batch_size=8,
-             lr=1e-3, num_workers=0, progress=False)
 MICRO_ARGS = ["--config", "tiny", "--img-size", 32, "--num-words", 32, "--num-new-words", 4,
               "--batch-size", 8, "--num-workers", 0, "--no-progress", "--mask-ratios", "0.6",
               "--partial-decoding", "none", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("hostile-pretrain") / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
-    return folder
+def images(tmp_path_factory, make_images) -> Path:
+    return make_images(tmp_path_factory.mktemp("hostile-pretrain") / "images", 16)
 
 
 @pytest.fixture
@@ -49,8 +38,11 @@ def bad_images(images, tmp_path) -> Path:
     return folder
 
 
-def cfg(data: Path, out: Path, **overrides):
-    return preset("tiny", **{**MICRO, "data_dir": str(data), "output_dir": str(out), **overrides})
+@pytest.fixture
+def cfg(micro_cfg):
+    def make(data: Path, out: Path, **overrides):
+        return micro_cfg(data_dir=str(data), output_dir=str(out), **overrides)
+    return make
 
 
 def run_cli(argv: list[object], capsys) -> tuple[int, list[str]]:
@@ -60,7 +52,7 @@ def run_cli(argv: list[object], capsys) -> tuple[int, list[str]]:
 
 
 # ----------------------------------------------------------------------------- item 7
-def test_item07_pretraining_skips_and_records_undecodable_images(bad_images, tmp_path):
+def test_item07_pretraining_skips_and_records_undecodable_images(bad_images, tmp_path, cfg):
     result = run(cfg(bad_images, tmp_path / "run", epochs=1))
     assert result.skipped == ["broken.jpg"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -127,7 +119,7 @@ def teacher_of(ckpt_path: Path, cfg_) -> dict[str, torch.Tensor]:
             if k.startswith("encoder_teacher.")}
 
 
-def test_item12_teacher_disagreeing_with_the_checkpoint_is_reconciled_on_resume(images, tmp_path):
+def test_item12_teacher_disagreeing_with_the_checkpoint_is_reconciled_on_resume(images, tmp_path, cfg):
     config = cfg(images, tmp_path / "run", epochs=2, save_every=1)
     run(config)
     run_dir = tmp_path / "run"
