@@ -19,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 
+from moca_eval import outputs
 from moca_eval.errors import ConfigError
 from moca_eval.families import SHARED_RECIPES, announce, recipe_name
 from moca_eval.mm_utils import as_backbone_config
@@ -42,6 +43,8 @@ Mode = Literal["linear", "finetune"]
 # PROTOCOLS.md: linear low-shot 100 epochs per split, fine-tuning and the full set 216 epochs.
 LOWSHOT_LINEAR_EPOCHS = 100
 DEFAULT_EPOCHS = 216
+# What seg writes in its run directory (a split folder first): see ``outputs.claim_run_dir``.
+RUN_FILES = ("*-*", "results.json", "results.png")
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,7 @@ def run(cfg: SegConfig) -> SegResult:
     make_plan(cfg.batch_size, None, world_size)  # the global batch must split evenly, before loading
     backbone = cfg.backbone.load(img_size=cfg.crop_size)
     announce("seg", backbone.family_choice, *recipe_name("seg", backbone.family))
+    outputs.claim_run_dir(cfg.work_dir, "seg", own_files=RUN_FILES)
     join_cpu_process_group()
     scores = []
     for tag, seed, names in splits:

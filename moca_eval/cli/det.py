@@ -14,7 +14,6 @@ import argparse
 import ast
 from pathlib import Path
 
-from moca_eval import outputs
 from moca_eval.cli import common
 from moca_eval.errors import ConfigError
 from moca_eval.install_dense import dense_stack
@@ -73,7 +72,6 @@ def run(args: argparse.Namespace) -> int:
         work_dir=work_dir, resume=args.resume, eval_only=args.eval_only, weights=args.weights,
         with_cp=args.with_cp, num_workers=args.num_workers, seed=args.seed,
         cfg_options=parse_cfg_options(args.cfg_options or []))
-    outputs.claim_run_dir(work_dir, "det")
     result = run(cfg)
     payload = result.to_dict()
     rows = [{"task": task, **getattr(result, task)} for task in ("bbox", "segm")]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moca_eval import outputs
 from moca_eval.cli import common
 from moca_eval.errors import ConfigError
 from moca_eval.install_dense import dense_stack
@@ -101,7 +100,6 @@ def _train(args: argparse.Namespace, cs) -> int:
         work_dir=work_dir, resume=args.resume,
         num_workers=args.num_workers, save_every=args.save_every, save_predictions=args.save_predictions,
         seed=args.seed or 0).validate()
-    outputs.claim_run_dir(work_dir, "seg")
     result = run(cfg)
     payload = result.to_dict()
     rows = [{"split": s.split, "n_train": s.n_train, "iters": s.iters, "mIoU": s.miou, "aAcc": s.aacc,
