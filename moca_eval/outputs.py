@@ -62,12 +62,14 @@ def _check_not_input(path: Path, inputs: Iterable[Path], what: str) -> None:
                               "choose another path")
 
 
-def written_by_moca_eval(path: Path) -> bool:
-    """A result record (JSON), an ``extract`` archive (.npz) or a matplotlib figure."""
+def written_by_moca_eval(path: Path, *, protocol: str | None = None) -> bool:
+    """A result record (JSON; of ``protocol`` when given), an ``extract`` archive (.npz) or a
+    matplotlib figure."""
     try:
         if path.suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
-            return isinstance(data, dict) and {"schema_version", "protocol"} <= data.keys()
+            record = isinstance(data, dict) and {"schema_version", "protocol"} <= data.keys()
+            return record and protocol in (None, data["protocol"])
         if path.suffix == ".npz":
             with zipfile.ZipFile(path) as archive:
                 return set(archive.namelist()) == EXTRACT_MEMBERS
@@ -77,20 +79,23 @@ def written_by_moca_eval(path: Path) -> bool:
         return False
 
 
-def check_output_file(path: Path, *, inputs: Iterable[Path] = (), what: str = "--output") -> None:
+def check_output_file(path: Path, *, inputs: Iterable[Path] = (), what: str = "--output",
+                      protocol: str | None = None) -> None:
     """Raise ConfigError unless ``path`` can take a result file without destroying anything.
 
     Raises:
         ConfigError: ``path`` is a directory, under a file, unwritable, an input or inside an
-            input folder, or an existing file moca-eval did not write.
+            input folder, or an existing file moca-eval did not write (a result record of
+            another ``protocol`` included).
     """
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{what} {path}: is a directory; give a file name")
     _check_not_input(path, inputs, what)
     _check_writable(path, what)
-    if path.exists() and not written_by_moca_eval(path):
-        raise ConfigError(f"{what} {path}: exists and was not written by moca-eval; remove it or "
+    if path.exists() and not written_by_moca_eval(path, protocol=protocol):
+        owner = f"moca-eval {protocol}" if protocol else "moca-eval"
+        raise ConfigError(f"{what} {path}: exists and was not written by {owner}; remove it or "
                           "choose another path")
 
 

@@ -120,8 +120,18 @@ def test_item02_foreign_file_not_replaced(inputs, tmp_path, capsys):
     notes = tmp_path / "notes.json"
     notes.write_text('{"my": "notes"}')
     code, err = run_cli(knn_argv(ckpt, data, tmp_path, "--output", notes), capsys)
-    refused(code, err, "was not written by moca-eval")
+    refused(code, err, "was not written by moca-eval knn")
     assert notes.read_text() == '{"my": "notes"}'
+
+
+def test_item02_another_commands_record_not_replaced(inputs, tmp_path, capsys):
+    ckpt, data = inputs
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"schema_version": 1, "protocol": "pretrain", "metrics": {}}))
+    before = summary.read_text()
+    code, err = run_cli(knn_argv(ckpt, data, tmp_path, "--output", summary), capsys)
+    refused(code, err, "was not written by moca-eval knn")
+    assert summary.read_text() == before
 
 
 def test_item02_own_result_record_is_replaced(inputs, tmp_path, capsys):

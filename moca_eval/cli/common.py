@@ -170,7 +170,8 @@ def check_args(args: argparse.Namespace) -> None:
     dirs = {**DIR_OUTPUT_ARGS, **{d: _flag(d) for d in getattr(args, "dir_outputs", ())}}
     for dest, flag in files.items():
         if getattr(args, dest, None) is not None:
-            outputs.check_output_file(getattr(args, dest), inputs=inputs, what=flag)
+            outputs.check_output_file(getattr(args, dest), inputs=inputs, what=flag,
+                                      protocol=getattr(args, "command", None))
     for dest, flag in dirs.items():
         skip = dest == "cache_dir" and getattr(args, "no_cache", False)
         if getattr(args, dest, None) is not None and not skip:
