@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from moca_eval import outputs
 from moca_eval.checkpoint_io import read_checkpoint, sha256_file
 from moca_eval.detection import coco
 from moca_eval.errors import ConfigError
@@ -242,6 +243,7 @@ def run(cfg: DetConfig) -> DetResult:
     backbone = cfg.backbone.load(img_size=None)
     announce("det", backbone.family_choice, *recipe_name("det", backbone.family))
     work_dir = Path(cfg.work_dir)
+    outputs.claim_run_dir(work_dir, "det")
     done = work_dir / ("eval.json" if cfg.eval_only else "result.json")
     key = run_fingerprint(cfg, ckpt_sha=backbone.sha256, data_sha=_data_digest(layout))
     stored = _stored_figures(read_finished(done, key))

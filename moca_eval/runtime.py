@@ -42,6 +42,8 @@ from moca_eval.results import atomic_path, write_json_atomic
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pth"
 LOG_NAME = "log.jsonl"
+# What a training protocol writes in its run directory (the checkpoint first).
+RUN_FILES = (CHECKPOINT_NAME, LOG_NAME, "results.json", "decodable-*.json")
 
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -256,9 +258,27 @@ class JsonlLog:
         self.path = path if distributed.current().is_main else None
 
     def records(self) -> list[dict[str, Any]]:
+        """The logged records; a torn last line (a kill or full disk mid-append) is dropped.
+
+        Raises:
+            ConfigError: a line before the last is not JSON (the log was edited or damaged).
+        """
         if self.path is None or not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
+        out = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+                out.append(record)
+            except ValueError:
+                if number < len(lines):
+                    raise ConfigError(f"{self.path}: line {number} is not JSON; fix or remove the "
+                                      "log to resume") from None
+                log.warning("%s: dropped a torn last line (an interrupted write): %.60s", self.path, line)
+        return out
 
     def truncate(self, start_epoch: int) -> None:
         """Drop records of epochs >= ``start_epoch`` (written after the checkpoint resumed from)."""

@@ -56,11 +56,12 @@ def save_teacher(path: Path, model: torch.nn.Module) -> Path:
 def save_checkpoint(run_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     epoch: int, cfg: PretrainConfig, world_size: int,
                     scaler: torch.amp.GradScaler | None = None) -> Path:
-    """Write ``teacher.pth`` and ``checkpoint-last.pth`` (and ``checkpoint-<epoch>.pth``).
+    """Write ``checkpoint-last.pth`` (and ``checkpoint-<epoch>.pth``), then ``teacher.pth``.
 
-    The optimizer must have been built by ``train.build_optimizer`` (MOCA's parameter order).
+    In that order, a kill between the two leaves ``teacher.pth`` one epoch behind, never ahead; a
+    resume rewrites it from the checkpoint. The optimizer must have been built by
+    ``train.build_optimizer`` (MOCA's parameter order).
     """
-    save_teacher(run_dir / TEACHER, model)
     ckpt = {"model": official.to_official(model.state_dict(), kappa=cfg.kappa),
             "optimizer": optimizer.state_dict(), "epoch": epoch,
             "args": official.official_args(cfg, world_size=world_size)}
@@ -68,7 +69,9 @@ def save_checkpoint(run_dir: Path, *, model: torch.nn.Module, optimizer: torch.o
         ckpt["scaler"] = scaler.state_dict()
     if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
         save_atomic(ckpt, run_dir / f"checkpoint-{epoch}.pth")
-    return save_atomic(ckpt, run_dir / CHECKPOINT)
+    save_atomic(ckpt, run_dir / CHECKPOINT)
+    save_teacher(run_dir / TEACHER, model)
+    return run_dir / CHECKPOINT
 
 
 def saved_settings(ckpt: dict[str, Any], *, path: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ which is named in the field's comment. Presets: ``vit_base`` (the paper), ``vit_
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
@@ -95,6 +96,7 @@ class PretrainConfig:
         _check(self.grid_size > 2 * self.border,
                f"a {self.grid_size}x{self.grid_size} token grid has nothing inside a border of "
                f"{self.border}; use larger images or a smaller patch_size")
+        _check_rates(self)
         _check(self.num_words % self.num_new_words == 0,
                f"num_words {self.num_words} must be a multiple of num_new_words {self.num_new_words}")
         depth = self.arch_spec.depth
@@ -131,6 +133,22 @@ class PretrainConfig:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _check_rates(cfg: PretrainConfig) -> None:
+    """Learning rates positive and finite, momenta in [0, 1], counts positive (NaN fails every test)."""
+    for name in ("lr", "blr", "lr_prototypes"):
+        value = getattr(cfg, name)
+        _check(value is None or (math.isfinite(value) and value > 0),
+               f"{name} {value} must be a positive number")
+    for name in ("momentum", "momentum_end"):
+        value = getattr(cfg, name)
+        _check(0.0 <= value <= 1.0, f"{name} {value} outside [0, 1] (teacher EMA momentum)")
+    for name in ("weight_decay", "weight_decay_end", "warmup_epochs", "min_lr", "clip_grad"):
+        value = getattr(cfg, name, None)
+        _check(value is None or (math.isfinite(value) and value >= 0), f"{name} {value} must be >= 0")
+    for name in ("num_words", "num_new_words", "img_size"):
+        _check(getattr(cfg, name) >= 1, f"{name} {getattr(cfg, name)} must be >= 1")
 
 
 # ``tiny``: the demo preset, a few minutes on 2 CPU cores on the 64-px demo data. ViT-Tiny

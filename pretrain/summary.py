@@ -46,7 +46,7 @@ def pretrain_record(cfg: PretrainConfig, result: PretrainResult, *, rt: Runtime,
     return Record(
         protocol="pretrain",
         checkpoint=block,
-        dataset=dataset_block(cfg.data_dir, splits={"train": index}, n_classes=0),
+        dataset=dataset_block(cfg.data_dir, splits={"train": index}, n_classes=0, skipped=result.skipped),
         config=config,
         metrics=metrics_block("loss", last.get("loss"), values=values, rows=result.history),
         provenance=clock.provenance(),

@@ -21,21 +21,25 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from moca_eval import distributed, runtime
+from moca_eval import distributed, outputs, runtime
+from moca_eval.data import ImageFolderIndex
 from moca_eval.errors import ConfigError
 from moca_eval.pretrain import checkpoint, official
 from moca_eval.pretrain.augment import TwoViews
 from moca_eval.pretrain.config import PretrainConfig
-from moca_eval.pretrain.data import GlobalBatchSampler, TwoViewDataset, find_images
+from moca_eval.pretrain.data import GlobalBatchSampler, TwoViewDataset, find_images, image_root
 from moca_eval.pretrain.model import MOCA, BatchSlice
 from moca_eval.pretrain.schedules import apply_schedules, teacher_momentum
 from moca_eval.pretrain.summary import pretrain_record
+from moca_eval.protocols import training
 from moca_eval.record import Clock, Record
 
 log = logging.getLogger(__name__)
 
 LOG_FILE = "log.jsonl"
 SUMMARY_FILE = "summary.json"
+# What pretraining writes in its run directory (its checkpoint first): see ``outputs.claim_run_dir``.
+RUN_FILES = ("checkpoint-*.pth", "teacher.pth", LOG_FILE, SUMMARY_FILE, "decodable-*.json")
 EPOCH_MEANS = ("loss", "loss_img", "loss_loc", "codebook_usage", "imgs_per_s")
 
 
@@ -50,6 +54,7 @@ class PretrainResult:
     epochs_done: int
     history: list[dict[str, float]] = field(default_factory=list)
     record: Record | None = None  # main process only
+    skipped: list[str] = field(default_factory=list)  # undecodable images left out of training
 
     def to_dict(self) -> dict[str, Any]:
         """The result record (``summary.json``)."""
@@ -68,6 +73,7 @@ class _Run:
     loader: DataLoader | None
     run_dir: Path | None
     scaler: torch.amp.GradScaler | None = None  # fp16 only
+    skipped: list[str] = field(default_factory=list)  # undecodable images left out
 
     @property
     def where(self) -> BatchSlice:
@@ -99,11 +105,13 @@ def build_optimizer(model: MOCA, cfg: PretrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups, lr=cfg.base_lr(), betas=(0.9, 0.999))
 
 
-def build_loader(cfg: PretrainConfig, info: distributed.DistInfo, *, pin: bool) -> DataLoader:
-    """Two-view loader yielding this process's slice of each global batch."""
+def build_loader(cfg: PretrainConfig, info: distributed.DistInfo, *, pin: bool,
+                 paths: list[Path] | None = None) -> DataLoader:
+    """Two-view loader yielding this process's slice of each global batch (of ``paths``, default:
+    every image of ``cfg.data_dir``)."""
     runtime.make_plan(cfg.batch_size, None, info.world_size)  # refuses a batch they cannot share
-    dataset = TwoViewDataset(find_images(cfg.data_dir), TwoViews(cfg.img_size, crop_min=cfg.crop_min),
-                             seed=cfg.seed)
+    paths = find_images(cfg.data_dir) if paths is None else paths
+    dataset = TwoViewDataset(paths, TwoViews(cfg.img_size, crop_min=cfg.crop_min), seed=cfg.seed)
     sampler = GlobalBatchSampler(len(dataset), global_batch=cfg.batch_size, rank=info.rank,
                                  world_size=info.world_size, seed=cfg.seed)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin)
@@ -159,16 +167,36 @@ def train_one_epoch(run: _Run, epoch: int, log: runtime.JsonlLog) -> None:
 
 
 def prepare_run_dir(cfg: PretrainConfig, *, create: bool = True) -> Path:
-    """The output directory; an existing checkpoint there needs ``resume``."""
+    """The output directory; an existing checkpoint there needs ``resume``, and ``resume`` needs a
+    checkpoint or a pretraining run directory (one killed before its first checkpoint restarts)."""
     if not cfg.output_dir:
         raise ConfigError("no output directory given (--output-dir RUN_DIR)")
     run_dir = Path(cfg.output_dir)
-    if (run_dir / checkpoint.CHECKPOINT).exists() and not cfg.resume:
+    has_checkpoint = (run_dir / checkpoint.CHECKPOINT).exists()
+    if has_checkpoint and not cfg.resume:
         raise ConfigError(f"{run_dir}: already holds {checkpoint.CHECKPOINT}; pass --resume to "
                           "continue that run or choose another --output-dir")
+    started = has_checkpoint or cfg.resume_from or outputs.run_dir_owner(run_dir) == "pretrain"
+    if cfg.resume and not started:
+        raise ConfigError(f"{run_dir / checkpoint.CHECKPOINT}: nothing to resume (no checkpoint); drop "
+                          "--resume to start anew")
     if create:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        outputs.claim_run_dir(run_dir, "pretrain", own_files=RUN_FILES)
     return run_dir
+
+
+def usable_images(cfg: PretrainConfig, run_dir: Path, *, strict: bool) -> tuple[list[Path], list[str]]:
+    """The decodable images of ``cfg.data_dir`` and the undecodable ones (relative paths), decoded
+    once before training (remembered in the run directory for a resume).
+
+    Raises:
+        DatasetError: ``strict`` and an image cannot be decoded.
+    """
+    root = image_root(cfg.data_dir)
+    index = ImageFolderIndex(root, [], [(path, 0) for path in find_images(cfg.data_dir)])
+    kept, skipped = training.drop_undecodable(index, num_workers=cfg.num_workers, strict=strict,
+                                              record=run_dir / "decodable-train.json")
+    return [path for path, _ in kept.samples], skipped
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
@@ -188,27 +216,36 @@ def epoch_history(records: list[dict[str, Any]]) -> list[dict[str, float]]:
     return history
 
 
-def _setup(cfg: PretrainConfig) -> _Run:
+def _setup(cfg: PretrainConfig, *, strict: bool) -> _Run:
     rt = runtime.make_runtime(cfg.device, cfg.precision)
-    loader = build_loader(cfg, rt.dist, pin=rt.device.type == "cuda")
+    runtime.make_plan(cfg.batch_size, None, rt.dist.world_size)  # before the run directory is made
+    find_images(cfg.data_dir)  # a missing or empty folder fails before the run directory is made
     run_dir = prepare_run_dir(cfg, create=rt.dist.is_main)  # every rank checks, so all fail alike
     distributed.barrier()
+    paths, skipped = usable_images(cfg, run_dir, strict=strict)
+    loader = build_loader(cfg, rt.dist, pin=rt.device.type == "cuda", paths=paths)
     runtime.seed_all(cfg.seed)
     model = MOCA(cfg).to(rt.device)
     optimizer = build_optimizer(model, cfg)
     net = runtime.wrap_ddp(model, rt, broadcast_buffers=False)
-    return _Run(cfg, rt, model, net, optimizer, loader, run_dir, rt.grad_scaler())
+    return _Run(cfg, rt, model, net, optimizer, loader, run_dir, rt.grad_scaler(), skipped)
 
 
-def run(cfg: PretrainConfig) -> PretrainResult:
-    """Pretrain MOCA per ``cfg`` (resuming when ``cfg.resume``); see the module docstring."""
+def run(cfg: PretrainConfig, *, strict: bool = False) -> PretrainResult:
+    """Pretrain MOCA per ``cfg`` (resuming when ``cfg.resume``); see the module docstring.
+    ``strict``: an undecodable image is an error (else it is left out and recorded)."""
     cfg = cfg.validate()
     clock = Clock()
-    state = _setup(cfg)
+    state = _setup(cfg, strict=strict)
     start = 0
-    if cfg.resume:
+    if cfg.resume and not cfg.resume_from and not (state.run_dir / checkpoint.CHECKPOINT).is_file():
+        logging.getLogger(__name__).info("%s: killed before its first checkpoint; starting anew",
+                                         state.run_dir)
+    elif cfg.resume:
         start = checkpoint.load_for_resume(state.run_dir, cfg, model=state.model,
                                            optimizer=state.optimizer, scaler=state.scaler)
+        if state.rt.dist.is_main and start > 0:  # a kill between the two files: teacher.pth follows
+            checkpoint.save_teacher(state.run_dir / checkpoint.TEACHER, state.model)
     log = runtime.JsonlLog(state.run_dir / LOG_FILE)
     log.truncate(start)  # drop steps after the checkpoint (all of them when starting anew)
     for epoch in range(start, cfg.epochs):
@@ -226,7 +263,7 @@ def _finish(state: _Run, clock: Clock) -> PretrainResult:
     log_path = run_dir / LOG_FILE
     history = epoch_history(read_log(log_path)) if is_main else []
     result = PretrainResult(run_dir, run_dir / checkpoint.CHECKPOINT, run_dir / checkpoint.TEACHER,
-                            log_path, state.cfg.epochs, history)
+                            log_path, state.cfg.epochs, history, skipped=state.skipped)
     if is_main:
         result.record = pretrain_record(state.cfg, result, rt=state.rt, clock=clock)
         result.record.write(run_dir / SUMMARY_FILE)

@@ -28,9 +28,16 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.utils.data import DataLoader
 
-from moca_eval import runtime
+from moca_eval import outputs, runtime
 from moca_eval.checkpoints import LoadedBackbone
-from moca_eval.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, collate_skip_bad, eval_transform
+from moca_eval.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageDataset,
+    ImageFolderIndex,
+    collate_skip_bad,
+    eval_transform,
+)
 from moca_eval.errors import CheckpointError, ConfigError
 from moca_eval.families import resolve_recipe
 from moca_eval.models import build_vit
@@ -262,6 +269,19 @@ def _fingerprint(cfg: FinetuneConfig, backbone: LoadedBackbone, n_train: int, pr
     })
 
 
+def _decodable(cfg: FinetuneConfig, splits: tuple[ImageFolderIndex, ImageFolderIndex]
+               ) -> tuple[ImageFolderIndex, ImageFolderIndex, list[str]]:
+    """Train and val indexes without undecodable images, and those images (class/file)."""
+    kept, skipped = [], []
+    for index, split in zip(splits, (cfg.job.data.train_split, cfg.job.data.val_split)):
+        record = cfg.output_dir / f"decodable-{split}.json" if cfg.output_dir else None
+        good, bad = training.drop_undecodable(index, num_workers=cfg.job.extract.num_workers,
+                                              strict=cfg.job.extract.strict, record=record)
+        kept.append(good)
+        skipped += bad
+    return kept[0], kept[1], skipped
+
+
 def run(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune the whole network (resuming if asked); val top-1/top-5, best and last."""
     if cfg.eval_every < 1:
@@ -276,6 +296,10 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
     cfg = replace(cfg, recipe=recipe)
     if recipe.epochs < 1 or recipe.blr <= 0:
         raise ConfigError("epochs and blr must be positive")
+    if cfg.output_dir is not None:
+        outputs.claim_run_dir(cfg.output_dir, "finetune", own_files=runtime.RUN_FILES)
+    splits = (train_index, val_index)
+    train_index, val_index, skipped = _decodable(cfg, splits)
     num_classes = len(train_index.classes)
     plan = runtime.make_plan(recipe.batch_size, cfg.micro_batch or cfg.job.extract.batch_size,
                               rt.dist.world_size)
@@ -322,7 +346,7 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
     best = max(history, key=lambda h: (h["top1"], h["top5"]))
     last = history[-1]
     result_record = Record(
-        "finetune", checkpoint_block(backbone), dataset_info(cfg.job, (train_index, val_index)),
+        "finetune", checkpoint_block(backbone), dataset_info(cfg.job, splits, skipped=skipped),
         {"recipe": recipe_block(recipe.name, runtime.jsonable(asdict(recipe)), why=why),
          "global_batch": plan.global_batch, "micro_batch": plan.micro_batch, "accum": plan.accum,
          "world_size": plan.world_size, "steps_per_epoch": steps, "lr": lr,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moca_eval import runtime
+from moca_eval import outputs, runtime
 from moca_eval.checkpoints import LoadedBackbone
 from moca_eval.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderIndex, eval_transform
 from moca_eval.errors import ConfigError
@@ -51,6 +51,7 @@ SelectOn = Literal["holdout", "val"]
 LR_GRID: tuple[float, ...] = tuple(float(f"{m}e{e}") for e in range(-4, 1) for m in range(1, 10))
 DEFAULT_FEATURES = ("cls", "avg", "cls+avg")
 LARS_TRUST = 1e-3  # MAE util/lars.py trust_coefficient
+DECODE_RECORD = "decodable-train.json"  # in the run directory: which training images decode
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,7 @@ class ProbeData:
     val: FeatureSet
     num_classes: int
     dims: dict[str, int]
+    train_skipped: list[str] = field(default_factory=list)  # undecodable training images
 
 
 def _tensors(fs: FeatureSet, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -193,8 +195,11 @@ def prepare_data(cfg: LinearConfig, backbone: LoadedBackbone, names: Sequence[st
         rows, held = holdout_split(train.labels, fraction, seed=cfg.seed)
         holdout = _subset(train, held) if len(held) else None
         return ProbeData(rows, torch.from_numpy(train.labels), _tensors(train, names), None, holdout, val,
-                         len(train.classes), {n: train.features[n].shape[1] for n in names})
+                         len(train.classes), {n: train.features[n].shape[1] for n in names}, train.skipped)
     train_index, val_index = splits
+    train_index, skipped = training.drop_undecodable(
+        train_index, num_workers=cfg.job.extract.num_workers, strict=cfg.job.extract.strict,
+        record=cfg.output_dir / DECODE_RECORD if cfg.output_dir else None)
     transform = eval_transform(backbone.arch.img_size, resize=cfg.job.data.resize,
                                interpolation=cfg.job.data.interpolation or "bicubic")
     rows, held = holdout_split(np.asarray(train_index.labels), fraction, seed=cfg.seed)
@@ -202,7 +207,7 @@ def prepare_data(cfg: LinearConfig, backbone: LoadedBackbone, names: Sequence[st
                                transform=transform) if len(held) else None
     val = extract_features(backbone, val_index, names, cfg.job.extract, transform=transform)
     return ProbeData(rows, torch.as_tensor(train_index.labels), None, train_index, holdout, val,
-                     len(train_index.classes), {n: val.features[n].shape[1] for n in names})
+                     len(train_index.classes), {n: val.features[n].shape[1] for n in names}, skipped)
 
 
 def train_augmentation(img_size: int, interpolation: str) -> Any:
@@ -330,6 +335,8 @@ def run(cfg: LinearConfig) -> LinearResult:
     _check_recipe(cfg)
     names = features_for_depth([check_feature_name(n) for n in dict.fromkeys(recipe.features)],
                                backbone.arch.depth, requested=bool(cfg.overrides.get("features")))
+    if cfg.output_dir is not None:
+        outputs.claim_run_dir(cfg.output_dir, "linear", own_files=runtime.RUN_FILES)
     micro = cfg.micro_batch or (cfg.job.extract.batch_size if cfg.mode == "augmented" else None)
     plan = runtime.make_plan(recipe.batch_size, micro, rt.dist.world_size)
     training.steps_per_epoch(len(splits[0]), plan)  # the batch fits the data: checked before extraction
@@ -371,7 +378,7 @@ def run(cfg: LinearConfig) -> LinearResult:
     heads, best = score_heads(grid, data, select_on=cfg.select_on, lr_scale=lr_scale, device=rt.device)
     n_hold = 0 if data.holdout is None else len(data.holdout)
     sel = heads[best]
-    skipped = data.val.skipped + (data.holdout.skipped if data.holdout else [])
+    skipped = data.train_skipped + data.val.skipped + (data.holdout.skipped if data.holdout else [])
     result_record = Record(
         "linear", checkpoint_block(backbone), dataset_info(cfg.job, splits, skipped=skipped),
         {"recipe": recipe_block(recipe.name, runtime.jsonable(asdict(recipe)), why=why),

@@ -19,16 +19,25 @@ import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from moca_eval.data import ImageDataset, ImageFolderIndex, collate_skip_bad
-from moca_eval.errors import ConfigError
-from moca_eval.runtime import BatchPlan, Runtime, derive_seed, seed_all
+from moca_eval.data import ImageDataset, ImageFolderIndex, collate_skip_bad, open_rgb
+from moca_eval.errors import ConfigError, DatasetError
+from moca_eval.runtime import (
+    BatchPlan,
+    Runtime,
+    derive_seed,
+    fingerprint,
+    read_finished,
+    seed_all,
+    write_finished,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +66,48 @@ class SeededImageDataset(ImageDataset):
         row, epoch = key
         seed_all(derive_seed(self.seed, epoch, row, 2))
         return super().__getitem__(row)
+
+
+# ----------------------------------------------------------------------------- undecodable images
+class _Decodes(Dataset):
+    def __init__(self, index: ImageFolderIndex) -> None:
+        self.paths = [path for path, _ in index.samples]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> bool:
+        return open_rgb(self.paths[i]) is not None
+
+
+def drop_undecodable(index: ImageFolderIndex, *, num_workers: int, strict: bool,
+                     record: Path | None = None) -> tuple[ImageFolderIndex, list[str]]:
+    """``index`` without the images that cannot be decoded, and their ``class/file`` names.
+
+    Every image is decoded once before training, so the step count, ``n_train`` and the record's
+    skipped images are known up front; ``record`` (a file in the run directory) keeps the answer
+    for a resume, keyed by the split's manifest.
+
+    Raises:
+        DatasetError: ``strict`` and an image cannot be decoded.
+    """
+    key = fingerprint("decodable", str(index.root), index.manifest_hash())
+    found = read_finished(record, key) if record is not None else None
+    if found is None:
+        loader = DataLoader(_Decodes(index), batch_size=64, num_workers=num_workers, collate_fn=list)
+        ok = [flag for batch in loader for flag in batch]
+        found = {"bad_rows": [i for i, flag in enumerate(ok) if not flag]}
+        if record is not None:
+            write_finished(record, found, key)
+    bad = [int(i) for i in found["bad_rows"]]
+    names = [index.relpaths()[i] for i in bad]
+    if names and strict:
+        raise DatasetError(f"{index.root}: cannot decode {len(names)} image(s): {', '.join(names[:5])}")
+    if names:
+        log.warning("skipped %d undecodable image(s) in %s: %s", len(names), index.root,
+                    ", ".join(names[:10]))
+    keep = sorted(set(range(len(index))) - set(bad))
+    return (index.subset(keep) if bad else index), names
 
 
 # ----------------------------------------------------------------------------- batching

@@ -19,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 
+from moca_eval import outputs
 from moca_eval.errors import ConfigError
 from moca_eval.families import SHARED_RECIPES, announce, recipe_name
 from moca_eval.mm_utils import as_backbone_config
@@ -42,6 +43,8 @@ Mode = Literal["linear", "finetune"]
 # PROTOCOLS.md: linear low-shot 100 epochs per split, fine-tuning and the full set 216 epochs.
 LOWSHOT_LINEAR_EPOCHS = 100
 DEFAULT_EPOCHS = 216
+# What seg writes in its run directory (a split folder first): see ``outputs.claim_run_dir``.
+RUN_FILES = ("*-*", "results.json", "results.png")
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class SegConfig:
     iters: int | None = None  # overrides epochs
     batch_size: int = 8  # global, over all processes
     crop_size: int = 768
-    stride: int = 512
+    stride: int | None = None  # sliding-window stride; None: 2/3 of the crop (Segmenter: 512 for 768)
     resize_scale: tuple[int, int] = (2048, 1024)  # (long, short) side before the 0.5-2.0 jitter
     layer_decay: float | None = None  # fine-tuning only
     work_dir: Path = Path("runs/seg")
@@ -71,6 +74,8 @@ class SegConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backbone", as_backbone_config(self.backbone))
+        if self.stride is None:
+            object.__setattr__(self, "stride", max(1, round(self.crop_size * 2 / 3)))
 
     def validate(self) -> SegConfig:
         if self.mode not in ("linear", "finetune"):
@@ -82,6 +87,10 @@ class SegConfig:
         for name in ("batch_size", "crop_size", "stride"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.stride > self.crop_size:
+            raise ConfigError(f"stride {self.stride} exceeds crop size {self.crop_size}: the sliding "
+                              "windows would leave pixels unpredicted; use a stride <= the crop "
+                              "(default 2/3 of it)")
         if self.iters is not None and self.iters < 1 or self.epochs is not None and self.epochs <= 0:
             raise ConfigError("iters and epochs must be positive")
         return self
@@ -225,6 +234,7 @@ def run(cfg: SegConfig) -> SegResult:
     make_plan(cfg.batch_size, None, world_size)  # the global batch must split evenly, before loading
     backbone = cfg.backbone.load(img_size=cfg.crop_size)
     announce("seg", backbone.family_choice, *recipe_name("seg", backbone.family))
+    outputs.claim_run_dir(cfg.work_dir, "seg", own_files=RUN_FILES)
     join_cpu_process_group()
     scores = []
     for tag, seed, names in splits:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pickle
 
 import pytest
-import torch
-from mmengine.logging.history_buffer import HistoryBuffer
 
-from moca_eval.mm_utils import mmengine_checkpoints
+pytest.importorskip("mmengine", reason="the [dense] extra is not installed")
+import torch  # noqa: E402
+from mmengine.logging.history_buffer import HistoryBuffer  # noqa: E402
+
+from moca_eval.mm_utils import mmengine_checkpoints  # noqa: E402
 
 
 def test_log_buffers_saved_inside_the_block_load_with_weights_only(tmp_path):

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from moca_eval import __version__
+from moca_eval.cli.common import check_args
 from moca_eval.errors import MocaEvalError
 
 # Subcommand modules under moca_eval.cli, in help order.
@@ -49,17 +50,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(err: BaseException) -> str:
+    """The message on one line; an error re-raised from a DataLoader worker (whose message is the
+    worker's whole traceback) keeps only the original message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        kind, sep, message = last.partition(": ")
+        text = message if sep and kind.replace(".", "").replace("_", "").isalnum() else last
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        check_args(args)
         return int(args.func(args) or 0)
     except MocaEvalError as err:
         if args.debug:
             raise
-        print(f"moca-eval: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"moca-eval: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moca-eval: interrupted", file=sys.stderr)

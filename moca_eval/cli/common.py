@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -148,3 +149,65 @@ def add_training_run_args(g: argparse._ArgumentGroup, protocol: str) -> None:
                    f"(default: runs/{protocol}/<checkpoint name>)")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
 
+
+
+# ----------------------------------------------------------------------------- checks before any work
+INPUT_ARGS = ("ckpt", "data", "split_dir", "names", "weights", "path", "results")
+FILE_OUTPUT_ARGS = {"output": "--output", "plot": "--plot"}
+DIR_OUTPUT_ARGS = {"output_dir": "--output-dir", "work_dir": "--output-dir", "cache_dir": "--cache-dir"}
+MIN_VALUES = {"batch_size": ("--batch-size", 1), "num_workers": ("--num-workers", 0),
+              "img_size": ("--img-size", 1), "resize": ("--resize", 1)}
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad shared options in one line before anything is loaded or computed.
+
+    Raises:
+        ConfigError: a size, count or device that cannot work, or an output path that is a
+            directory/file where the other is meant, unwritable, an input, or a foreign file.
+    """
+    from moca_eval import outputs
+
+    for dest, (flag, low) in MIN_VALUES.items():
+        value = getattr(args, dest, None)
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} must be >= {low}, got {value}")
+    check_device(getattr(args, "device", None))
+    inputs = [Path(p) for name in INPUT_ARGS for p in _as_list(getattr(args, name, None))]
+    # A command names its other outputs with set_defaults(file_outputs=..., dir_outputs=...).
+    files = {**FILE_OUTPUT_ARGS, **{d: _flag(d) for d in getattr(args, "file_outputs", ())}}
+    dirs = {**DIR_OUTPUT_ARGS, **{d: _flag(d) for d in getattr(args, "dir_outputs", ())}}
+    for dest, flag in files.items():
+        if getattr(args, dest, None) is not None:
+            outputs.check_output_file(getattr(args, dest), inputs=inputs, what=flag,
+                                      protocol=getattr(args, "command", None))
+    for dest, flag in dirs.items():
+        skip = dest == "cache_dir" and getattr(args, "no_cache", False)
+        if getattr(args, dest, None) is not None and not skip:
+            outputs.check_output_dir(getattr(args, dest), inputs=inputs, what=flag)
+
+
+def _flag(dest: str) -> str:
+    return f"--{dest.replace('_', '-')}"
+
+
+def _as_list(value: object) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def check_device(device: str | None) -> None:
+    """``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N`` of a GPU this machine has."""
+    if device is None or device == "auto":
+        return
+    if not DEVICE.fullmatch(device):
+        raise ConfigError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count()
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA GPU(s)")

@@ -14,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="figure to write: .png, .pdf or .svg")
     p.add_argument("--labels", nargs="+", help="curve names (default: checkpoint file stems)")
     p.add_argument("--title", default="Low-shot logistic regression", help="figure title")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, file_outputs=("out",))
 
 
 def run(args: argparse.Namespace) -> int:

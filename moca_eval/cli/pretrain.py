@@ -73,6 +73,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto: bf16 on GPUs that have it (no loss scaling needed), else fp16 with a "
                    "grad scaler (MOCA's own setting); fp32 on CPU")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--strict", action="store_true",
+                   help="an undecodable image is an error (default: left out, listed in summary.json)")
     p.set_defaults(func=run)
 
 
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.partial_decoding is not None:
         fixed["partial_decoding"] = None if args.partial_decoding == "none" else args.partial_decoding
     cfg = replace(preset(args.config, **overrides), **fixed)
-    result = pretrain.run(cfg.validate())
+    result = pretrain.run(cfg.validate(), strict=args.strict)
     if result.history:
         columns = ["epoch", "loss", "loss_img", "loss_loc", "codebook_usage", "tau", "imgs_per_s"]
         print(format_table([{**h, "epoch": int(h["epoch"]) + 1} for h in result.history], columns))

@@ -40,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--global-batch", "--batch-size", dest="global_batch", type=int, default=8,
                    help="global batch over all processes (default 8; --batch-size is an old name)")
     g.add_argument("--crop-size", type=int, default=768, help="training crop and sliding window (768)")
-    g.add_argument("--stride", type=int, default=512, help="sliding-window stride at evaluation")
+    g.add_argument("--stride", type=int, help="sliding-window stride at evaluation, at most the crop "
+                   "(default: 2/3 of --crop-size, Segmenter's 512 for 768)")
     g.add_argument("--resize-scale", type=int, nargs=2, default=[2048, 1024], metavar=("LONG", "SHORT"),
                    help="image scale before the 0.5-2.0 training jitter and at evaluation (2048 1024)")
     g.add_argument("--layer-decay", type=float, help="layer-wise lr decay (fine-tuning; default none)")
@@ -98,7 +99,7 @@ def _train(args: argparse.Namespace, cs) -> int:
         stride=args.stride, resize_scale=tuple(args.resize_scale), layer_decay=args.layer_decay,
         work_dir=work_dir, resume=args.resume,
         num_workers=args.num_workers, save_every=args.save_every, save_predictions=args.save_predictions,
-        seed=args.seed or 0)
+        seed=args.seed or 0).validate()
     result = run(cfg)
     payload = result.to_dict()
     rows = [{"split": s.split, "n_train": s.n_train, "iters": s.iters, "mIoU": s.miou, "aAcc": s.aacc,

@@ -6,16 +6,18 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
 
-from moca_eval.checkpoints import load_backbone
-from moca_eval.detection import coco
-from moca_eval.detection.mm_modules import MocaEvalViTDet, default_out_indices
-from moca_eval.detection.run import DetConfig, ap_table, mm_config
-from moca_eval.errors import ConfigError
-from moca_eval.features import compute_features
-from moca_eval.mm_utils import ViTLayerDecayOptimizerConstructor, build_dense_vit, patch_token_map
+pytest.importorskip("mmdet", reason="the [dense] extra is not installed")
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from moca_eval.checkpoints import load_backbone  # noqa: E402
+from moca_eval.detection import coco  # noqa: E402
+from moca_eval.detection.mm_modules import MocaEvalViTDet, default_out_indices  # noqa: E402
+from moca_eval.detection.run import DetConfig, ap_table, mm_config  # noqa: E402
+from moca_eval.errors import ConfigError  # noqa: E402
+from moca_eval.features import compute_features  # noqa: E402
+from moca_eval.mm_utils import ViTLayerDecayOptimizerConstructor, build_dense_vit, patch_token_map  # noqa: E402
 
 # Patch 16 as the real models (so the strides are 4/8/16/32), four blocks to tap.
 BN = dict(type="BN", requires_grad=True)

@@ -11,18 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-from moca_eval.checkpoints import load_backbone
-from moca_eval.cli import main
-from moca_eval.errors import DatasetError
-from moca_eval.features import compute_features
-from moca_eval.mm_utils import mmengine_checkpoints
-from moca_eval.record import validate_record
-from moca_eval.segmentation import cityscapes as cs
-from moca_eval.segmentation.mm_modules import MocaEvalViT
-from moca_eval.segmentation.run import SegConfig, run
+pytest.importorskip("mmseg", reason="the [dense] extra is not installed")
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from moca_eval.checkpoints import load_backbone  # noqa: E402
+from moca_eval.cli import main  # noqa: E402
+from moca_eval.errors import DatasetError  # noqa: E402
+from moca_eval.features import compute_features  # noqa: E402
+from moca_eval.mm_utils import mmengine_checkpoints  # noqa: E402
+from moca_eval.record import validate_record  # noqa: E402
+from moca_eval.segmentation import cityscapes as cs  # noqa: E402
+from moca_eval.segmentation.mm_modules import MocaEvalViT  # noqa: E402
+from moca_eval.segmentation.run import SegConfig, run  # noqa: E402
 
 CROP = 64
 
