@@ -79,3 +79,22 @@ def test_timm_name_resolves_to_its_hub_repository_in_the_cache(hub_cache: Path) 
     assert source.path.name == "model.safetensors" and "vit_base_patch16_224.dino" in str(source.path)
     with pytest.raises(CheckpointError, match=r"^timm:vit_base_patch16_224.nope: no pretrained weights"):
         resolve("timm:vit_base_patch16_224.nope")
+
+
+def test_single_protocol_command_takes_a_hub_name(hub_cache: Path, tiny_demo_data: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """``moca-eval knn --ckpt hf-hub:...`` loads the cached file: the same numbers as the file."""
+    import json
+
+    from moca_eval.cli import main
+
+    args = ["knn", "--data", str(tiny_demo_data), "--k", "5", "--img-size", "32", "--batch-size", "32",
+            "--num-workers", "0", "--cache-dir", str(tmp_path / "cache"), "--family", "dino"]
+    assert main([*args, "--ckpt", "hf-hub:org/tiny-vit", "--output", str(tmp_path / "hub.json")]) == 0
+    assert main([*args, "--ckpt", str(hub_cache), "--output", str(tmp_path / "file.json")]) == 0
+    from_hub, from_file = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("hub", "file"))
+    assert from_hub["checkpoint"]["sha256"] == sha256_file(hub_cache)
+    assert from_hub["metrics"]["rows"] == from_file["metrics"]["rows"]
+    capsys.readouterr()
+    assert main([*args, "--ckpt", "hf-hub:org/missing"]) == 2
+    assert "hf-hub:org/missing: no model.safetensors" in capsys.readouterr().err

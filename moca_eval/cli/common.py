@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 from dataclasses import fields
@@ -11,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from moca_eval.errors import ConfigError
 from moca_eval.results import format_table, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch-heavy: imported when a command runs, so `--help` stays fast
     from moca_eval.features import ExtractConfig
@@ -36,7 +39,8 @@ def default_cache_dir() -> Path:
 def add_backbone_args(p: argparse.ArgumentParser, *, ckpt_required: bool = True,
                       img_size: bool = True) -> None:
     g = p.add_argument_group("checkpoint")
-    g.add_argument("--ckpt", type=Path, required=ckpt_required, help="checkpoint (.pth/.pt/.safetensors)")
+    g.add_argument("--ckpt", type=Path, required=ckpt_required, help="checkpoint (.pth/.pt/.safetensors), "
+                   "or hf-hub:ORG/NAME[@REV] or timm:NAME from the local hub cache (HF_HUB_OFFLINE honoured)")
     g.add_argument("--arch", help="architecture name (vit_tiny/small/base/large) to override the "
                    "head-count rule; width and depth are always read from the weights")
     g.add_argument("--num-heads", type=int, help="attention heads, for non-standard widths (the "
@@ -160,6 +164,20 @@ MIN_VALUES = {"batch_size": ("--batch-size", 1), "num_workers": ("--num-workers"
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
+def resolve_hub_checkpoint(args: argparse.Namespace) -> None:
+    """``--ckpt hf-hub:...`` / ``timm:...``: replaced by the file in the local hub cache (downloaded
+    unless ``HF_HUB_OFFLINE``), which then loads through the same layout table as any file."""
+    spec = getattr(args, "ckpt", None)
+    if not isinstance(spec, Path):
+        return
+    from moca_eval.sources import is_remote, resolve
+
+    if is_remote(str(spec)):
+        source = resolve(str(spec))
+        log.info("%s: %s (revision %s)", spec, source.path, source.revision)
+        args.ckpt = source.path
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad shared options in one line before anything is loaded or computed.
 
@@ -169,6 +187,7 @@ def check_args(args: argparse.Namespace) -> None:
     """
     from moca_eval import outputs
 
+    resolve_hub_checkpoint(args)
     for dest, (flag, low) in MIN_VALUES.items():
         value = getattr(args, dest, None)
         if value is not None and value < low:
