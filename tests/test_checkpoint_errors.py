@@ -294,14 +294,15 @@ def test_cli_failure_keeps_an_existing_output_file(
 ) -> None:
     out = tmp_path / "out" / "knn.json"
     out.parent.mkdir()
-    out.write_text('{"old": true}\n')
+    old = '{"schema_version": 1, "protocol": "knn", "old": true}\n'  # an earlier knn record
+    out.write_text(old)
 
     code = main(_knn_args(tmp_path / "missing.pth", tiny_demo_data, tmp_path))
 
     assert code == 2
     message = _single_error_line(capsys.readouterr().err)
     assert message == f"{tmp_path / 'missing.pth'}: no such checkpoint file"
-    assert out.read_text() == '{"old": true}\n'
+    assert out.read_text() == old
     assert [p.name for p in out.parent.iterdir()] == ["knn.json"]
 
 

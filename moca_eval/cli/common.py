@@ -188,6 +188,11 @@ def check_args(args: argparse.Namespace) -> None:
     from moca_eval import outputs
 
     resolve_hub_checkpoint(args)
+    ckpt = getattr(args, "ckpt", None)
+    if isinstance(ckpt, Path) and ckpt.is_dir():  # said before outputs are judged against it
+        from moca_eval.errors import CheckpointError
+
+        raise CheckpointError(f"{ckpt}: is a directory, expected a checkpoint file")
     for dest, (flag, low) in MIN_VALUES.items():
         value = getattr(args, dest, None)
         if value is not None and value < low:
