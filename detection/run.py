@@ -250,7 +250,7 @@ def run(cfg: DetConfig) -> DetResult:
     announce("det", backbone.family_choice, *recipe_name("det", backbone.family))
     work_dir = Path(cfg.work_dir)
     outputs.claim_run_dir(work_dir, "det")
-    anns = _annotation_files(cfg, layout, work_dir)
+    anns = annotation_files(cfg, layout, work_dir)
     done = work_dir / ("eval.json" if cfg.eval_only else "result.json")
     key = run_fingerprint(cfg, ckpt_sha=backbone.sha256, data_sha=_data_digest(layout))
     stored = _stored_figures(read_finished(done, key))
@@ -288,7 +288,7 @@ RECIPE_FIELDS = ("epochs", "lr", "layer_decay", "weight_decay", "drop_path_rate"
                  "warmup_iters", "train_short_sides", "max_long_side", "test_short_side", "random_crop")
 
 
-def _annotation_files(cfg: DetConfig, layout: dict[str, coco.CocoSplit], work_dir: Path) -> dict[str, Path]:
+def annotation_files(cfg: DetConfig, layout: dict[str, coco.CocoSplit], work_dir: Path) -> dict[str, Path]:
     """Split -> the annotation file trained / evaluated on: the official one, or with ``limit``
     its first images, written under ``work_dir/limited/`` (main process; the others wait)."""
     if cfg.limit is None:
