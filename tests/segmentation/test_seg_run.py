@@ -160,6 +160,22 @@ def test_a_suites_limit_reaches_its_seg_cells(tiny_checkpoint, cityscapes, tmp_p
     assert unlimited.limit is None
 
 
+def test_the_apis_limit_reaches_seg(tiny_checkpoint, cityscapes, tmp_path, monkeypatch):
+    import moca_eval
+    from moca_eval import suite
+
+    class Built(Exception):
+        pass
+
+    def capture(spec, cfg, source):
+        raise Built(cfg)
+
+    monkeypatch.setattr(suite, "run_protocol", capture)
+    with pytest.raises(Built) as built:
+        moca_eval.evaluate(tiny_checkpoint, "seg", cityscapes, limit=3, output_dir=tmp_path)
+    assert built.value.args[0].limit == 3 and built.value.args[0].data == cityscapes
+
+
 def test_finetune_updates_the_backbone_and_resumes_from_mmengine_checkpoints(
         tiny_checkpoint, cityscapes, tmp_path):
     work = tmp_path / "ft"
