@@ -81,6 +81,22 @@ def check_layout(root: Path) -> dict[str, CocoSplit]:
     return splits
 
 
+def limited_ann_file(split: CocoSplit, limit: float, out_root: Path) -> Path:
+    """``split``'s annotations cut to its first images by id (``limit``: a count or a fraction,
+    see ``pipeline.limit_count``) and their annotations, categories unchanged, written where
+    ``ann_file(out_root, split)`` points."""
+    from moca_eval.pipeline import limit_count
+
+    data = _read_json(split.ann_file)
+    images = sorted(data["images"], key=lambda img: img["id"])[:limit_count(limit, split.n_images)]
+    kept = {img["id"] for img in images}
+    path = ann_file(out_root, split.split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {**data, "images": images,
+                             "annotations": [a for a in data["annotations"] if a["image_id"] in kept]})
+    return path
+
+
 def _read_json(path: Path) -> object:
     try:
         with open(path, encoding="utf-8") as f:

@@ -22,7 +22,7 @@ from moca_eval.detection import coco
 from moca_eval.errors import ConfigError
 from moca_eval.families import SHARED_RECIPES, announce, recipe_name
 from moca_eval.mm_utils import as_backbone_config, mmengine_checkpoints
-from moca_eval.pipeline import BackboneConfig
+from moca_eval.pipeline import BackboneConfig, check_limit, limit_count
 from moca_eval.record import Clock, Record, checkpoint_block, dataset_block, metrics_block, recipe_block
 from moca_eval.runtime import fingerprint, make_plan, read_finished, write_finished
 
@@ -63,11 +63,13 @@ class DetConfig:
     num_preview: int = 4  # val images drawn with their predictions
     seed: int = 0
     cfg_options: dict | None = None  # mmengine overrides by dotted key, applied last
+    limit: float | None = None  # smoke runs: the first N images (or a fraction) of train and of val
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backbone", as_backbone_config(self.backbone))
 
     def validate(self) -> DetConfig:
+        check_limit(self.limit, "images")
         for name in ("epochs", "batch_size", "per_gpu_batch", "max_long_side", "test_short_side"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -137,8 +139,10 @@ def _train_pipeline(c, cfg: DetConfig) -> None:
         choice.transforms = [plain]
 
 
-def mm_config(cfg: DetConfig, *, embed_dim: int, classes: tuple[str, ...], world_size: int):
-    """The mmengine ``Config`` of this run: the config file with this run's values."""
+def mm_config(cfg: DetConfig, *, embed_dim: int, classes: tuple[str, ...], world_size: int,
+              ann_files: dict[str, Path] | None = None):
+    """The mmengine ``Config`` of this run: the config file with this run's values
+    (``ann_files``: split -> annotation file instead of the official ones, e.g. ``--limit``'s)."""
     from mmengine.config import Config
 
     from moca_eval.mm_utils import on_cuda
@@ -166,15 +170,17 @@ def mm_config(cfg: DetConfig, *, embed_dim: int, classes: tuple[str, ...], world
         if step.type == "Resize":
             step.scale = (cfg.max_long_side, cfg.test_short_side)
     per_step, accumulate = cfg.batch_split(world_size)
+    anns = {split: Path(path).resolve() for split, path in
+            (ann_files or {split: coco.ann_file(cfg.data, split) for split in coco.SPLITS}).items()}
     for loader, split in ((c.train_dataloader, "train"), (c.val_dataloader, "val")):
-        loader.dataset.update(data_root=str(cfg.data), ann_file=str(coco.ann_file(Path(), split)),
+        loader.dataset.update(data_root=str(cfg.data), ann_file=str(anns[split]),
                               data_prefix=dict(img=f"{coco.image_dir(Path(), split)}/"),
                               metainfo=dict(classes=classes))
         loader.num_workers = cfg.num_workers
         loader.persistent_workers = cfg.num_workers > 0
     c.test_dataloader = c.val_dataloader
     c.train_dataloader.batch_size = per_step
-    c.val_evaluator.update(ann_file=str(coco.ann_file(cfg.data, "val")),
+    c.val_evaluator.update(ann_file=str(anns["val"]),
                            outfile_prefix=str(work_dir / "predictions" / "val"))
     c.test_evaluator = c.val_evaluator
     _optimizer(c, cfg, accumulate)
@@ -244,6 +250,7 @@ def run(cfg: DetConfig) -> DetResult:
     announce("det", backbone.family_choice, *recipe_name("det", backbone.family))
     work_dir = Path(cfg.work_dir)
     outputs.claim_run_dir(work_dir, "det")
+    anns = annotation_files(cfg, layout, work_dir)
     done = work_dir / ("eval.json" if cfg.eval_only else "result.json")
     key = run_fingerprint(cfg, ckpt_sha=backbone.sha256, data_sha=_data_digest(layout))
     stored = _stored_figures(read_finished(done, key))
@@ -253,18 +260,19 @@ def run(cfg: DetConfig) -> DetResult:
     else:
         work_dir.mkdir(parents=True, exist_ok=True)
         c = mm_config(cfg, embed_dim=backbone.arch.embed_dim, classes=layout["train"].classes,
-                      world_size=world_size)
+                      world_size=world_size, ann_files=anns)
         metrics = train_and_evaluate(c, train=not cfg.eval_only)
         bbox, segm = ap_table(metrics, "bbox"), ap_table(metrics, "segm")
         write_finished(done, {"bbox": bbox, "segm": segm}, key)
-    preview = _preview(cfg, work_dir) if is_main_process() else None
+    preview = _preview(cfg, work_dir, anns["val"]) if is_main_process() else None
     settings = {k: v for k, v in asdict(cfg).items() if k != "backbone"}
     recipe = {k: settings[k] for k in RECIPE_FIELDS}
     record = Record(
         "det", checkpoint_block(backbone),
-        dataset_block(cfg.data, splits={name: split.n_images for name, split in layout.items()},
+        dataset_block(cfg.data, splits=_image_counts(cfg, layout),
                       n_classes=len(layout["train"].classes), name="coco",
-                      classes=list(layout["train"].classes), annotations_sha256=_data_digest(layout)),
+                      classes=list(layout["train"].classes), annotations_sha256=_data_digest(layout),
+                      **({"limit": cfg.limit} if cfg.limit is not None else {})),
         {"recipe": recipe_block(SHARED_RECIPES["det"], recipe, why="det uses one recipe for every family"),
          **settings, "world_size": world_size, "preview": str(preview) if preview else None},
         metrics_block("AP box", bbox["AP"], values={"bbox": bbox, "segm": segm, "AP_box": bbox["AP"],
@@ -280,14 +288,35 @@ RECIPE_FIELDS = ("epochs", "lr", "layer_decay", "weight_decay", "drop_path_rate"
                  "warmup_iters", "train_short_sides", "max_long_side", "test_short_side", "random_crop")
 
 
-def _preview(cfg: DetConfig, work_dir: Path) -> Path | None:
+def annotation_files(cfg: DetConfig, layout: dict[str, coco.CocoSplit], work_dir: Path) -> dict[str, Path]:
+    """Split -> the annotation file trained / evaluated on: the official one, or with ``limit``
+    its first images, written under ``work_dir/limited/`` (main process; the others wait)."""
+    if cfg.limit is None:
+        return {name: split.ann_file for name, split in layout.items()}
+    from mmengine.dist import barrier, is_main_process
+
+    root = work_dir / "limited"
+    if is_main_process():
+        for split in layout.values():
+            coco.limited_ann_file(split, cfg.limit, root)
+    barrier()
+    return {name: coco.ann_file(root, name) for name in layout}
+
+
+def _image_counts(cfg: DetConfig, layout: dict[str, coco.CocoSplit]) -> dict[str, int]:
+    """Split -> the number of images trained / evaluated on."""
+    return {name: split.n_images if cfg.limit is None else limit_count(cfg.limit, split.n_images)
+            for name, split in layout.items()}
+
+
+def _preview(cfg: DetConfig, work_dir: Path, val_ann: Path) -> Path | None:
     """Draw the val predictions mmdet's metric wrote (``predictions/val.segm.json``), if any."""
     from moca_eval.detection.plot import plot_predictions
 
     predictions = work_dir / "predictions" / "val.segm.json"
     if not cfg.num_preview or not predictions.is_file():
         return None
-    return plot_predictions(coco.ann_file(cfg.data, "val"), coco.image_dir(cfg.data, "val"), predictions,
+    return plot_predictions(val_ann, coco.image_dir(cfg.data, "val"), predictions,
                             work_dir / "predictions.png", n_images=cfg.num_preview)
 
 

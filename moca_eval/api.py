@@ -69,7 +69,8 @@ def evaluate(checkpoint: Any, protocol: str, data: str | Path, *, output_dir: st
         raise ConfigError(f"unknown protocol {protocol!r} (known: {', '.join(PROTOCOLS)})")
     spec = PROTOCOLS[protocol]
     source, backbone, data_cfg, extract = _configs(checkpoint, None if spec.dense else data, dict(overrides))
-    settings = {k: v for k, v in overrides.items() if k not in _all_fields()}
+    # seg/det take no DataConfig but their own ``limit`` (images of each split)
+    settings = {k: v for k, v in overrides.items() if k not in _all_fields() or spec.dense and k == "limit"}
     unknown = sorted(set(settings) - set(spec.setting_names()))
     if unknown:
         import difflib

@@ -73,12 +73,18 @@ class DataConfig:
         return limit_per_class(train, self.limit), limit_per_class(val, self.limit)
 
 
-def check_limit(limit: float | None) -> None:
-    """``limit`` must be a whole number of images per class (>= 1) or a fraction in (0, 1)."""
+def check_limit(limit: float | None, unit: str = "images per class") -> None:
+    """``limit`` must be a whole number of ``unit`` (>= 1) or a fraction in (0, 1)."""
     if limit is None or 0 < limit < 1 or (limit >= 1 and float(limit).is_integer()):
         return
-    raise ConfigError(f"--limit {limit:g}: expected images per class (1, 2, ...) or a fraction "
+    raise ConfigError(f"--limit {limit:g}: expected {unit} (1, 2, ...) or a fraction "
                       "between 0 and 1")
+
+
+def limit_count(limit: float, total: int) -> int:
+    """How many of ``total`` items ``limit`` keeps: ``limit`` itself, or ``ceil(limit x total)``
+    (at least one) for a fraction; never more than ``total``."""
+    return min(total, int(limit) if limit >= 1 else max(1, math.ceil(limit * total)))
 
 
 def limit_per_class(index: ImageFolderIndex, limit: float | None) -> ImageFolderIndex:
@@ -91,8 +97,7 @@ def limit_per_class(index: ImageFolderIndex, limit: float | None) -> ImageFolder
         by_class.setdefault(label, []).append(row)
     keep = []
     for rows in by_class.values():
-        n = int(limit) if limit >= 1 else max(1, math.ceil(limit * len(rows)))
-        keep.extend(rows[:n])
+        keep.extend(rows[:limit_count(limit, len(rows))])
     return index.subset(sorted(keep))
 
 

@@ -168,6 +168,8 @@ def build_config(spec: ProtocolSpec, settings: dict[str, Any], *, backbone: Any,
         raise ConfigError(f"{spec.name}: unknown setting(s) {', '.join(sorted(overrides))}")
     if spec.dense:
         direct.setdefault("work_dir", (run_dir or Path("runs")) / "work")
+        if getattr(data, "limit", None) is not None:  # the suite's --limit: images of each split
+            direct.setdefault("limit", data.limit)
         return config_cls(backbone=backbone, resume=run_dir is not None, **direct)
     if spec.recipe:
         direct["overrides"] = overrides

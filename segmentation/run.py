@@ -23,7 +23,7 @@ from moca_eval import outputs
 from moca_eval.errors import ConfigError
 from moca_eval.families import SHARED_RECIPES, announce, recipe_name
 from moca_eval.mm_utils import as_backbone_config
-from moca_eval.pipeline import BackboneConfig
+from moca_eval.pipeline import BackboneConfig, check_limit, limit_count
 from moca_eval.record import (
     Clock,
     Record,
@@ -71,6 +71,7 @@ class SegConfig:
     save_every: int = 2000  # iterations between mmengine checkpoints
     save_predictions: bool = False  # val predictions as PNG (trainIds) per split
     seed: int = 0  # training randomness (the split seeds choose the images)
+    limit: float | None = None  # smoke runs: the first N images (or a fraction) of each split and of val
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backbone", as_backbone_config(self.backbone))
@@ -78,6 +79,7 @@ class SegConfig:
             object.__setattr__(self, "stride", max(1, round(self.crop_size * 2 / 3)))
 
     def validate(self) -> SegConfig:
+        check_limit(self.limit, "images")
         if self.mode not in ("linear", "finetune"):
             raise ConfigError(f"unknown mode {self.mode!r} (linear or finetune)")
         if self.train_size not in cs.TRAIN_SIZES:
@@ -140,7 +142,21 @@ def names_sha256(names: list[str]) -> str:
 
 
 def training_splits(cfg: SegConfig) -> list[tuple[str, int | None, list[str]]]:
-    """``(tag, seed, names)`` of every split to train on (checks the layout first)."""
+    """``(tag, seed, names)`` of every split to train on (checks the layout first); with
+    ``cfg.limit``, the first images of each split's names."""
+    return [(tag, seed, _limited(names, cfg.limit)) for tag, seed, names in _chosen_splits(cfg)]
+
+
+def val_names(cfg: SegConfig) -> list[str]:
+    """The val images evaluated: all of them in sorted order, or the first ``cfg.limit``."""
+    return _limited([cs.image_stem(image) for image, _ in cs.list_pairs(cfg.data, "val")], cfg.limit)
+
+
+def _limited(names: list[str], limit: float | None) -> list[str]:
+    return names if limit is None else names[:limit_count(limit, len(names))]
+
+
+def _chosen_splits(cfg: SegConfig) -> list[tuple[str, int | None, list[str]]]:
     cs.list_pairs(cfg.data, "train")
     cs.list_pairs(cfg.data, "val")
     names = cs.train_names(cfg.data)
@@ -158,8 +174,9 @@ def training_splits(cfg: SegConfig) -> list[tuple[str, int | None, list[str]]]:
 
 
 def mm_config(cfg: SegConfig, *, embed_dim: int, num_heads: int, split_file: Path, iters: int,
-              work_dir: Path, world_size: int):
-    """The mmengine ``Config`` of one split: the mode's config file with this run's values."""
+              work_dir: Path, world_size: int, val_file: Path | None = None):
+    """The mmengine ``Config`` of one split: the mode's config file with this run's values
+    (``val_file``: evaluate only the val images it lists, one stem per line)."""
     from mmengine.config import Config
 
     from moca_eval.mm_utils import set_device_options
@@ -192,6 +209,9 @@ def mm_config(cfg: SegConfig, *, embed_dim: int, num_heads: int, split_file: Pat
         loader.num_workers = cfg.num_workers
         loader.persistent_workers = cfg.num_workers > 0
     c.train_dataloader.dataset.ann_file = str(split_file)
+    if val_file is not None:
+        for loader in (c.val_dataloader, c.test_dataloader):
+            loader.dataset.ann_file = str(val_file)
     c.train_dataloader.batch_size = make_plan(cfg.batch_size, None, world_size).local_batch
     if cfg.save_predictions:
         c.val_evaluator.output_dir = str(work_dir / "predictions")
@@ -230,6 +250,7 @@ def run(cfg: SegConfig) -> SegResult:
     cfg = cfg.validate()
     clock = Clock()
     splits = training_splits(cfg)
+    evaluated = val_names(cfg)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     make_plan(cfg.batch_size, None, world_size)  # the global batch must split evenly, before loading
     backbone = cfg.backbone.load(img_size=cfg.crop_size)
@@ -251,9 +272,12 @@ def run(cfg: SegConfig) -> SegResult:
         work_dir.mkdir(parents=True, exist_ok=True)
         split_file = work_dir / "train_split.txt"
         cs.write_names(split_file, names)
+        val_file = None if cfg.limit is None else work_dir / "val_split.txt"
+        if val_file is not None:
+            cs.write_names(val_file, evaluated)
         c = mm_config(cfg, embed_dim=backbone.arch.embed_dim, num_heads=backbone.arch.num_heads,
                       split_file=split_file, iters=iters, work_dir=work_dir,
-                      world_size=max(world_size, get_world_size()))
+                      world_size=max(world_size, get_world_size()), val_file=val_file)
         metrics = train_and_evaluate(c)
         score = SplitScore(tag, seed, len(names), digest, iters, float(metrics["mIoU"]),
                            float(metrics["aAcc"]), float(metrics["mAcc"]),
@@ -263,7 +287,8 @@ def run(cfg: SegConfig) -> SegResult:
     mious = np.array([s.miou for s in scores])
     per_class = {name: _nanmean([s.per_class_iou[name] for s in scores]) for name in cs.CLASSES}
     train_size = cfg.train_size if cfg.names_file is None else "custom"
-    record = Record("seg", checkpoint_block(backbone), _dataset(cfg), _config(cfg, train_size, world_size),
+    record = Record("seg", checkpoint_block(backbone), _dataset(cfg, len(evaluated)),
+                    _config(cfg, train_size, world_size),
                     metrics_block("mIoU (mean over splits)", float(mious.mean()),
                                   headline_std=float(mious.std()),
                                   values={"miou_mean": float(mious.mean()), "miou_std": float(mious.std()),
@@ -275,10 +300,12 @@ def run(cfg: SegConfig) -> SegResult:
     return SegResult(cfg.mode, train_size, scores, float(mious.mean()), float(mious.std()), per_class, record)
 
 
-def _dataset(cfg: SegConfig) -> dict:
-    return dataset_block(cfg.data, splits={"train": len(cs.train_names(cfg.data)),
-                                           "val": len(cs.list_pairs(cfg.data, "val"))},
-                         n_classes=len(cs.CLASSES), name="cityscapes")
+def _dataset(cfg: SegConfig, n_val: int) -> dict:
+    """train: the images the splits are drawn from (each split's own count is in its row);
+    val: the images evaluated."""
+    return dataset_block(cfg.data, splits={"train": len(cs.train_names(cfg.data)), "val": n_val},
+                         n_classes=len(cs.CLASSES), name="cityscapes",
+                         **({"limit": cfg.limit} if cfg.limit is not None else {}))
 
 
 def _config(cfg: SegConfig, train_size: str, world_size: int) -> dict:

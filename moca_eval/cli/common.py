@@ -71,6 +71,10 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    "fraction 0<x<1 (recorded; reports mark such results non-comparable)")
 
 
+DENSE_LIMIT_HELP = ("smoke run: the first N images (or a fraction 0<x<1) of every training split and "
+                    "of val (recorded; reports mark such results non-comparable)")
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")

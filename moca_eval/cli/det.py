@@ -45,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-size", type=int, default=1333, help="longest side, training and test (1333)")
     g.add_argument("--warmup-iters", type=int, default=500, help="linear warm-up, optimizer steps (500)")
     g.add_argument("--seed", type=int, default=0, help="training randomness (default 0)")
+    g.add_argument("--limit", type=float, help=common.DENSE_LIMIT_HELP)
     r = p.add_argument_group("runtime")
     r.add_argument("--output-dir", "--work-dir", dest="work_dir", type=Path,
                    help="run directory (default: runs/det/<checkpoint name>-<sha256[:8]>)")
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         test_short_side=args.test_size, max_long_side=args.max_size, warmup_iters=args.warmup_iters,
         work_dir=work_dir, resume=args.resume, eval_only=args.eval_only, weights=args.weights,
         with_cp=args.with_cp, num_workers=args.num_workers, seed=args.seed,
-        cfg_options=parse_cfg_options(args.cfg_options or []))
+        cfg_options=parse_cfg_options(args.cfg_options or []), limit=args.limit)
     result = run(cfg)
     payload = result.to_dict()
     rows = [{"task": task, **getattr(result, task)} for task in ("bbox", "segm")]

@@ -46,6 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="image scale before the 0.5-2.0 training jitter and at evaluation (2048 1024)")
     g.add_argument("--layer-decay", type=float, help="layer-wise lr decay (fine-tuning; default none)")
     g.add_argument("--seed", type=int, help="training randomness (default 0); `split` takes --split-seed")
+    g.add_argument("--limit", type=float, help=common.DENSE_LIMIT_HELP)
     r = p.add_argument_group("runtime")
     r.add_argument("--output-dir", "--work-dir", dest="work_dir", type=Path,
                    help="run directory (default: runs/seg/<checkpoint name>-<sha256[:8]>)")
@@ -99,7 +100,7 @@ def _train(args: argparse.Namespace, cs) -> int:
         stride=args.stride, resize_scale=tuple(args.resize_scale), layer_decay=args.layer_decay,
         work_dir=work_dir, resume=args.resume,
         num_workers=args.num_workers, save_every=args.save_every, save_predictions=args.save_predictions,
-        seed=args.seed or 0).validate()
+        seed=args.seed or 0, limit=args.limit).validate()
     result = run(cfg)
     payload = result.to_dict()
     rows = [{"split": s.split, "n_train": s.n_train, "iters": s.iters, "mIoU": s.miou, "aAcc": s.aacc,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from torch import nn  # noqa: E402
 from moca_eval.checkpoints import load_backbone  # noqa: E402
 from moca_eval.detection import coco  # noqa: E402
 from moca_eval.detection.mm_modules import MocaEvalViTDet, default_out_indices  # noqa: E402
-from moca_eval.detection.run import DetConfig, ap_table, mm_config  # noqa: E402
+from moca_eval.detection.run import DetConfig, annotation_files, ap_table, mm_config  # noqa: E402
 from moca_eval.errors import ConfigError  # noqa: E402
 from moca_eval.features import compute_features  # noqa: E402
 from moca_eval.mm_utils import ViTLayerDecayOptimizerConstructor, build_dense_vit, patch_token_map  # noqa: E402
@@ -144,25 +145,32 @@ def test_config_is_the_recipe(det_checkpoint, tiny_coco):
         DetConfig(det_checkpoint, tiny_coco).batch_split(3)
 
 
-def _val_parts(det_checkpoint: Path, root: Path, tmp_path: Path):
+def _val_parts(det_checkpoint: Path, root: Path, tmp_path: Path, limit: float | None = None):
     """The val dataset and evaluator exactly as ``run()`` configures them."""
     from mmdet.registry import DATASETS
     from mmengine.evaluator import Evaluator
     from mmengine.registry import init_default_scope
 
     init_default_scope("mmdet")
-    c = mm_config(DetConfig(det_checkpoint, root, work_dir=tmp_path, test_short_side=128, max_long_side=256),
-                  embed_dim=32, classes=coco.check_layout(root)["train"].classes, world_size=1)
+    cfg = DetConfig(det_checkpoint, root, work_dir=tmp_path, test_short_side=128, max_long_side=256,
+                    limit=limit)
+    layout = coco.check_layout(root)
+    c = mm_config(cfg, embed_dim=32, classes=layout["train"].classes, world_size=1,
+                  ann_files=annotation_files(cfg, layout, tmp_path))
     dataset = DATASETS.build(c.val_dataloader.dataset)
     evaluator = Evaluator(c.val_evaluator)
     evaluator.dataset_meta = dataset.metainfo
     return dataset, evaluator
 
 
-def test_ground_truth_as_predictions_scores_ap_100(det_checkpoint, tiny_coco, tmp_path):
+@pytest.mark.parametrize("limit", [None, 0.5])
+def test_ground_truth_as_predictions_scores_ap_100(det_checkpoint, tiny_coco, tmp_path, limit):
+    """With --limit the metric's ground truth is the kept images': an image left out of the
+    dataset but not of the metric would be unmatched ground truth, AP < 100."""
     from mmengine.structures import InstanceData
 
-    dataset, evaluator = _val_parts(det_checkpoint, tiny_coco, tmp_path)
+    dataset, evaluator = _val_parts(det_checkpoint, tiny_coco, tmp_path, limit)
+    assert len(dataset) == (2 if limit is None else 1)
     for i in range(len(dataset)):
         sample = dataset[i]["data_samples"]
         gt = sample.gt_instances
@@ -191,3 +199,15 @@ def test_no_predictions_score_zero_not_silence(det_checkpoint, tiny_coco, tmp_pa
     metrics = evaluator.evaluate(len(dataset))
     assert ap_table(metrics, "bbox") == ap_table(metrics, "segm") == dict.fromkeys(
         ("AP", "AP50", "AP75", "APs", "APm", "APl"), 0.0)
+
+
+def test_limited_annotation_files_keep_the_first_images_and_their_annotations(tiny_coco, tmp_path):
+    layout = coco.check_layout(tiny_coco)
+    for split, limit, kept in (("train", 3, 3), ("train", 0.3, 2), ("val", 5, 2), ("val", 0.1, 1)):
+        path = coco.limited_ann_file(layout[split], limit, tmp_path / "out")
+        assert path == coco.ann_file(tmp_path / "out", split)
+        full, cut = (json.loads(p.read_text()) for p in (layout[split].ann_file, path))
+        first = sorted(img["id"] for img in full["images"])[:kept]
+        assert [img["id"] for img in cut["images"]] == first
+        assert cut["annotations"] == [a for a in full["annotations"] if a["image_id"] in first]
+        assert cut["annotations"] and cut["categories"] == full["categories"]

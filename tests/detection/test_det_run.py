@@ -18,8 +18,10 @@ import torch  # noqa: E402
 from moca_eval.checkpoints import load_backbone  # noqa: E402
 from moca_eval.cli import main  # noqa: E402
 from moca_eval.detection import coco  # noqa: E402
+from moca_eval.detection.run import DetConfig, run_fingerprint  # noqa: E402
 from moca_eval.mm_utils import mmengine_checkpoints  # noqa: E402
 from moca_eval.record import validate_record  # noqa: E402
+from moca_eval.reporting import settings_of  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: ~3x faster on 1 thread
 
@@ -116,6 +118,34 @@ def test_train_evaluate_reuse_resume_and_eval_only(det_checkpoint, tiny_coco, tm
     assert not list(evaluated.glob("epoch_*.pth"))
 
 
+def test_limit_trains_and_evaluates_on_the_first_images(det_checkpoint, tiny_coco, tmp_path):
+    work = tmp_path / "limited"
+    assert main(det_args(det_checkpoint, tiny_coco, work, "--limit", "0.5")) == 0
+    payload = json.loads((work / "results.json").read_text())
+    validate_record(payload)
+    assert payload["dataset"]["limit"] == 0.5 and payload["dataset"]["splits"] == {"train": 2, "val": 1}
+    assert settings_of(payload)["limit"] == 0.5  # what reports mark non-comparable
+    kept = {}
+    for split, n in (("train", 2), ("val", 1)):
+        images = json.loads(coco.ann_file(work / "limited", split).read_text())["images"]
+        every = json.loads(coco.ann_file(tiny_coco, split).read_text())["images"]
+        kept[split] = [img["id"] for img in images]
+        assert kept[split] == sorted(img["id"] for img in every)[:n]
+    predicted = {p["image_id"] for p in json.loads((work / "predictions" / "val.bbox.json").read_text())}
+    assert predicted <= set(kept["val"])
+    check_figures(figures(payload, "bbox"))
+    # --eval-only of these weights on the same limited val set: the same figures
+    evaluated = tmp_path / "eval"
+    weights = str(work / "epoch_1.pth")
+    assert main(det_args(det_checkpoint, tiny_coco, evaluated, "--limit", "0.5", "--eval-only", "--weights",
+                         weights)) == 0
+    assert json.loads((evaluated / "eval_results.json").read_text())["metrics"] == payload["metrics"]
+    # an unlimited run never reuses a limited one's figures
+    keys = {run_fingerprint(DetConfig(det_checkpoint, tiny_coco, limit=limit), ckpt_sha="c", data_sha="d")
+            for limit in (None, 0.5, 1)}
+    assert len(keys) == 3
+
+
 def test_bad_inputs_are_one_line_errors(det_checkpoint, tiny_coco, tmp_path, capsys, monkeypatch):
     def error(*extra: str, data: Path = tiny_coco) -> str:
         code = main(det_args(det_checkpoint, data, tmp_path / "w", *extra))
@@ -133,6 +163,8 @@ def test_bad_inputs_are_one_line_errors(det_checkpoint, tiny_coco, tmp_path, cap
     assert "--eval-only and --weights" in error("--eval-only")
     assert "no such weights file" in error("--eval-only", "--weights", str(tmp_path / "x.pth"))
     assert "cannot be split" in error("--global-batch", "3")
+    assert "--limit 2.5: expected images (1, 2, ...) or a fraction" in error("--limit", "2.5")
+    assert "--limit 0: expected images" in error("--limit", "0")
     assert not (tmp_path / "w").exists()  # nothing started
     monkeypatch.setitem(sys.modules, "mmdet", None)  # as if not installed
     assert "run `python -m moca_eval.install_dense` first" in error()

@@ -21,10 +21,13 @@ from moca_eval.cli import main  # noqa: E402
 from moca_eval.errors import DatasetError  # noqa: E402
 from moca_eval.features import compute_features  # noqa: E402
 from moca_eval.mm_utils import mmengine_checkpoints  # noqa: E402
+from moca_eval.pipeline import DataConfig  # noqa: E402
 from moca_eval.record import validate_record  # noqa: E402
+from moca_eval.reporting import settings_of  # noqa: E402
 from moca_eval.segmentation import cityscapes as cs  # noqa: E402
 from moca_eval.segmentation.mm_modules import MocaEvalViT  # noqa: E402
-from moca_eval.segmentation.run import SegConfig, run  # noqa: E402
+from moca_eval.segmentation.run import SegConfig, run, split_fingerprint  # noqa: E402
+from moca_eval.suite import PROTOCOLS, build_config  # noqa: E402
 
 CROP = 64
 
@@ -41,10 +44,11 @@ def small(cfg_ckpt: Path, data: Path, work_dir: Path, **overrides) -> SegConfig:
     return SegConfig(**{**base, **overrides})
 
 
-def confusion_miou(pred_dir: Path, data: Path) -> tuple[float, np.ndarray]:
-    """mIoU (%) and per-class IoU from the saved predictions and the label files, with numpy."""
+def confusion_miou(pred_dir: Path, data: Path, count: int | None = None) -> tuple[float, np.ndarray]:
+    """mIoU (%) and per-class IoU from the saved predictions and the label files, with numpy
+    (``count``: of the first val images only)."""
     conf = np.zeros((19, 19), dtype=np.int64)
-    pairs = cs.list_pairs(data, "val")
+    pairs = cs.list_pairs(data, "val")[:count]
     for _, label_path in pairs:
         stem = label_path.name.removesuffix(cs.TRAIN_IDS_SUFFIX)
         pred = np.array(Image.open(pred_dir / f"{stem}_leftImg8bit.png")).astype(np.int64)
@@ -112,6 +116,64 @@ def test_linear_probe_keeps_the_backbone_and_reports_the_confusion_matrix_miou(
     validate_record(payload)
     assert payload["metrics"]["headline"]["value"] == split["miou"] and payload["protocol"] == "seg"
     assert (work / "linear-full" / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_limit_trains_and_evaluates_on_the_first_images_only(tiny_checkpoint, cityscapes, tmp_path, capsys):
+    work = tmp_path / "limited"
+    result = run(small(tiny_checkpoint, cityscapes, work, save_predictions=True, limit=0.5)).to_dict()
+    split_dir = work / "linear-full"
+    val_stems = [cs.image_stem(image) for image, _ in cs.list_pairs(cityscapes, "val")]
+    assert cs.read_names(split_dir / "train_split.txt") == cs.train_names(cityscapes)[:3]  # 0.5 of 6
+    assert cs.read_names(split_dir / "val_split.txt") == val_stems[:1]  # 0.5 of 2
+    predicted = sorted(p.name for p in (split_dir / "predictions").rglob("*.png"))
+    assert predicted == [f"{val_stems[0].split('/')[1]}_leftImg8bit.png"]
+    row = result["metrics"]["rows"][0]
+    assert row["n_train"] == 3 and row["iters"] == 3
+    miou, _ = confusion_miou(split_dir / "predictions", cityscapes, count=1)
+    assert row["miou"] == pytest.approx(miou, abs=0.006)  # mmseg rounds to 2 decimals
+    assert result["dataset"]["limit"] == 0.5 and result["dataset"]["splits"]["val"] == 1
+    assert settings_of(result)["limit"] == 0.5  # what reports mark non-comparable
+    validate_record(result)
+    # the same training images, unlimited: another fingerprint (the val set differs), never reused
+    keys = {split_fingerprint(small(tiny_checkpoint, cityscapes, work, limit=limit), names_digest="d",
+                              iters=3, ckpt_sha="c") for limit in (None, 0.5, 3)}
+    assert len(keys) == 3
+    for bad in ("0", "1.5", "-2"):
+        code = main(["seg", "--ckpt", str(tiny_checkpoint), "--data", str(cityscapes), "--limit", bad,
+                     "--work-dir", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and f"--limit {float(bad):g}: expected images" in err, err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_suites_limit_reaches_its_seg_cells(tiny_checkpoint, cityscapes, tmp_path):
+    spec = PROTOCOLS["seg"]
+    data = DataConfig(tmp_path, limit=2)
+    cfg = build_config(spec, {"data": cityscapes}, backbone=tiny_checkpoint, data=data, extract=None,
+                       run_dir=tmp_path)
+    assert cfg.limit == 2 and cfg.work_dir == tmp_path / "work"
+    own = build_config(spec, {"data": cityscapes, "limit": 0.25}, backbone=tiny_checkpoint, data=data,
+                       extract=None, run_dir=tmp_path)
+    assert own.limit == 0.25
+    unlimited = build_config(spec, {"data": cityscapes}, backbone=tiny_checkpoint, data=DataConfig(tmp_path),
+                             extract=None, run_dir=tmp_path)
+    assert unlimited.limit is None
+
+
+def test_the_apis_limit_reaches_seg(tiny_checkpoint, cityscapes, tmp_path, monkeypatch):
+    import moca_eval
+    from moca_eval import suite
+
+    class Built(Exception):
+        pass
+
+    def capture(spec, cfg, source):
+        raise Built(cfg)
+
+    monkeypatch.setattr(suite, "run_protocol", capture)
+    with pytest.raises(Built) as built:
+        moca_eval.evaluate(tiny_checkpoint, "seg", cityscapes, limit=3, output_dir=tmp_path)
+    assert built.value.args[0].limit == 3 and built.value.args[0].data == cityscapes
 
 
 def test_finetune_updates_the_backbone_and_resumes_from_mmengine_checkpoints(
