@@ -34,12 +34,6 @@ class CheckpointFormat:
     num_heads_hint: Callable[[int], int | None] | None = None
 
 
-def is_tensor_dict(obj: object) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(
-        isinstance(v, torch.Tensor) for v in obj.values()
-    )
-
-
 def top_level_keys(ckpt: Mapping[str, Any], *, limit: int = 8) -> str:
     """The first ``limit`` keys of a checkpoint for error messages (``(none)`` when empty)."""
     keys = [str(k) for k in ckpt]

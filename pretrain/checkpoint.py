@@ -33,11 +33,6 @@ RUNTIME_FIELDS = frozenset({"data_dir", "output_dir", "resume", "resume_from", "
                             "progress", "save_every", "epochs", "precision"})
 
 
-def moca_model_name(cfg: PretrainConfig) -> str:
-    """A MOCA-style model name, e.g. ``moca_vit_base_patch16_dec512d2b``."""
-    return official.model_name(cfg)
-
-
 def save_atomic(obj: Any, path: Path) -> Path:
     """``torch.save`` to a temporary file, then rename: readers never see half a file."""
     with atomic_path(path) as tmp:

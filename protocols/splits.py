@@ -126,11 +126,6 @@ class SplitFile:
         return format_split_text(self.keys)
 
 
-def sample_key(path: str | os.PathLike, root: str | os.PathLike) -> str:
-    """Key of an image file: its posix path relative to the split root."""
-    return Path(os.path.relpath(path, root)).as_posix()
-
-
 def class_of(key: str) -> str:
     return key.split("/", 1)[0]
 
