@@ -91,7 +91,10 @@ class Clock:
 
 
 def checkpoint_block(backbone: Any) -> dict[str, Any]:
-    """The ``checkpoint`` block of a ``LoadedBackbone``."""
+    """The ``checkpoint`` block of a ``LoadedBackbone`` (plus, for a file in a hub cache, its hub
+    ``source`` and ``revision``)."""
+    from moca_eval.sources import hub_origin
+
     choice = backbone.family_choice
     return {
         "path": str(backbone.path),
@@ -106,6 +109,7 @@ def checkpoint_block(backbone: Any) -> dict[str, Any]:
         "arch_spec": {k: getattr(backbone.arch, k) for k in backbone.arch.__dataclass_fields__},
         "pos_embed": backbone.pos_embed,
         "dropped_keys": len(backbone.dropped),
+        **hub_origin(backbone.path),
     }
 
 

@@ -126,6 +126,21 @@ def snapshot_revision(path: Path) -> str | None:
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
 
 
+def hub_origin(path: str | os.PathLike) -> dict[str, Any]:
+    """``source``/``source_kind``/``revision`` of a file in a hub cache
+    (``models--ORG--NAME/snapshots/<commit>/<file>``), so every record of a hub checkpoint says
+    where it came from, whichever way it was named; ``{}`` for any other file."""
+    parts = Path(path).parts
+    if "snapshots" not in parts[:-2]:
+        return {}
+    at = len(parts) - 1 - parts[::-1].index("snapshots")
+    repo = parts[at - 1]
+    if not repo.startswith("models--"):
+        return {}
+    name = repo.removeprefix("models--").replace("--", "/")
+    return {"source": f"{HUB_PREFIX}{name}", "source_kind": "hf-hub", "revision": parts[at + 1]}
+
+
 def module_checkpoint(module: Any, cache_dir: Path) -> CheckpointSource:
     """An in-memory ViT as a safetensors file named by its content (written once)."""
     from safetensors.torch import save_file

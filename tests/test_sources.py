@@ -94,6 +94,8 @@ def test_single_protocol_command_takes_a_hub_name(hub_cache: Path, tiny_demo_dat
     assert main([*args, "--ckpt", str(hub_cache), "--output", str(tmp_path / "file.json")]) == 0
     from_hub, from_file = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("hub", "file"))
     assert from_hub["checkpoint"]["sha256"] == sha256_file(hub_cache)
+    origin = from_hub["checkpoint"]["source"], from_hub["checkpoint"]["revision"]
+    assert origin == ("hf-hub:org/tiny-vit", COMMIT)
     assert from_hub["metrics"]["rows"] == from_file["metrics"]["rows"]
     capsys.readouterr()
     assert main([*args, "--ckpt", "hf-hub:org/missing"]) == 2
