@@ -1,5 +1,6 @@
 """The report's figures (the paper's Figure 1 style), one line or bar per checkpoint row:
-low-shot top-1 vs labelled images per class, k-NN top-1 bars, Cityscapes mIoU vs training images.
+low-shot top-1 vs labelled images per class, k-NN top-1 bars, k-NN top-1 vs pretraining time (rows
+whose checkpoint also has a ``pretrain`` record), Cityscapes mIoU vs training images.
 PNG or PDF (``fmt``); each titled with dataset, feature and recipe."""
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ if TYPE_CHECKING:
 def write_figures(table: Table, out: Path, *, fmt: str = "png") -> dict[str, Path]:
     """Every figure the table has data for: ``lowshot``, ``knn``, ``seg`` (``<name>.<fmt>``)."""
     written = {}
-    for name, draw in (("lowshot", lowshot_figure), ("knn", knn_figure), ("seg", seg_figure)):
+    for name, draw in (("lowshot", lowshot_figure), ("knn", knn_figure), ("knn_time", knn_time_figure),
+                       ("seg", seg_figure)):
         path = out / f"{name}.{fmt}"
         if draw(table, path):
             written[path.name] = path
@@ -133,6 +135,42 @@ def knn_figure(table: Table, path: Path) -> bool:
     records = {str(p): r for p, r in table.records}
     ax.set_title("k-NN top-1\n" + _subtitle(_measured(table, "k-NN"), records), fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
+    _save(fig, path)
+    return True
+
+
+def knn_time_figure(table: Table, path: Path) -> bool:
+    """k-NN top-1 vs pretraining time (hours x processes, log axis), one labelled point per
+    checkpoint that has both a k-NN and a pretraining record (the paper's Figure 1, left)."""
+    from moca_eval.reporting import PRETRAIN_HOURS
+
+    rows = [r for r in table.rows if not r.published and r.cells.get("k-NN top-1")
+            and r.cells["k-NN top-1"].mean is not None and r.cells.get(PRETRAIN_HOURS)
+            and r.cells[PRETRAIN_HOURS].mean]
+    if not rows:
+        return False
+    fig = _figure(6.4, 4.2)
+    ax = fig.add_subplot()
+    for i, row in enumerate(rows):
+        hours, top1 = row.cells[PRETRAIN_HOURS].mean, row.cells["k-NN top-1"].mean
+        ax.plot(hours, top1, "o", color=f"C{i}", markersize=8, label=row.label)
+        ax.annotate(f"{top1:.1f}{row.cells['k-NN top-1'].flags}", (hours, top1), textcoords="offset points",
+                    xytext=(6, 4), fontsize=9)
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=8)
+    ax.margins(x=0.2, y=0.2)
+    ax.set_xlabel("pretraining time (hours x processes)")
+    ax.set_ylabel("k-NN top-1 (%)")
+    records = {str(p): r for p, r in table.records}
+    ax.set_title("k-NN top-1 vs pretraining time\n" + _subtitle(_measured(table, "k-NN"), records),
+                 fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=9, frameon=True)
     _save(fig, path)
     return True
 

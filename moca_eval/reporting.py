@@ -21,10 +21,12 @@ from moca_eval.errors import DatasetError
 from moca_eval.results import atomic_path
 
 log = logging.getLogger(__name__)
+PRETRAIN_HOURS = "pretraining h"  # moca-eval pretrain records: training time x processes
 COLUMN_ORDER = ("k-NN top-1", "low-shot 1-shot", "low-shot 2-shot", "low-shot 5-shot", "low-shot 1%",
                 "linear top-1", "fine-tune top-1",
                 "seg linear 100", "seg linear 372", "seg linear full",
-                "seg finetune 100", "seg finetune 372", "seg finetune full", "COCO AP box", "COCO AP mask")
+                "seg finetune 100", "seg finetune 372", "seg finetune full", "COCO AP box", "COCO AP mask",
+                PRETRAIN_HOURS)
 SETTINGS = ("feature", "recipe", "resolution", "limit", "dataset")
 DIFFERS, LIMITED = "†", "*"
 
@@ -104,6 +106,9 @@ def metric_cells(record: dict) -> dict[str, Cell]:
     if protocol == "det":
         values = m["values"]
         return {"COCO AP box": Cell(values.get("AP_box")), "COCO AP mask": Cell(values.get("AP_mask"))}
+    if protocol == "pretrain" and m["values"].get("train_time_s") is not None:
+        hours = m["values"]["train_time_s"] * m["values"].get("world_size", 1) / 3600
+        return {PRETRAIN_HOURS: Cell(hours)}
     return {}
 
 

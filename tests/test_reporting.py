@@ -113,3 +113,30 @@ def test_columns_follow_the_papers_order_with_extra_settings_in_their_group() ->
     assert sorted(columns, key=column_key) == [
         "k-NN top-1", "low-shot 3-shot", "low-shot 5-shot", "low-shot 1%", "low-shot 50%", "linear top-1",
         "seg linear 100", "seg finetune 100", "seg linear custom", "COCO AP box"]
+
+
+def test_pretraining_time_joins_the_knn_row_of_the_same_checkpoint(knn_records, tmp_path: Path) -> None:
+    """A ``pretrain`` record of the evaluated teacher (same sha256) adds its training time x
+    processes to that checkpoint's row, and the k-NN vs pretraining-time figure is drawn."""
+    from moca_eval.record import metrics_block
+
+    full, _ = knn_records
+    other = copy.deepcopy(full)
+    other["checkpoint"].update(sha256="f" * 64, path="/elsewhere/longer-run.pth")
+    other["metrics"]["headline"]["value"] = full["metrics"]["headline"]["value"] + 5
+    records = {"knn.json": full, "knn-longer.json": other}
+    for name, knn, seconds, world in (("pre.json", full, 5400.0, 2), ("pre-longer.json", other, 7200.0, 4)):
+        pre = copy.deepcopy(knn)
+        pre["protocol"] = "pretrain"
+        pre["metrics"] = metrics_block("loss", 3.0, values={"train_time_s": seconds, "world_size": world})
+        records[name] = pre
+    for name, record in records.items():
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / name).write_text(json.dumps(record))
+    table = build_table(find_records([tmp_path / "in"]))
+    hours = {r.label: (r.cells["pretraining h"].mean, r.cells["k-NN top-1"].mean) for r in table.rows}
+    assert hours == {"tiny-moca": (3.0, full["metrics"]["headline"]["value"]),
+                     "longer-run": (8.0, other["metrics"]["headline"]["value"])}
+    assert table.columns[-1] == "pretraining h"
+    written = write_report([tmp_path / "in"], tmp_path / "out")
+    assert written["knn_time.png"].stat().st_size > 5_000

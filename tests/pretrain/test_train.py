@@ -57,6 +57,8 @@ def test_run_writes_moca_layout_checkpoint_teacher_log_and_summary(trained):
     assert summary["checkpoint"]["sha256"] == hashlib.sha256(result.teacher.read_bytes()).hexdigest()
     assert summary["checkpoint"]["family"] == "moca" and summary["checkpoint"]["family_source"] == "trained"
     assert summary["dataset"]["splits"] == {"train": 16} and summary["config"]["recipe"]["name"] == "tiny"
+    seconds = sum(cfg.batch_size / r["imgs_per_s"] for r in records)  # each step: batch / duration
+    assert summary["metrics"]["values"]["train_time_s"] == pytest.approx(seconds, abs=1e-3)
     assert (result.output_dir / "checkpoint-0.pth").is_file()
 
 
