@@ -289,3 +289,33 @@ def test_relative_paths_in_a_suite_file_are_relative_to_it(tmp_path: Path) -> No
     assert got == (f"{base}/d", f"{base}/o", f"{base}/c")
     assert raw["checkpoints"] == [f"{base}/a.pth", "hf-hub:x/y", {"path": f"{base}/b.pth"}]
     assert raw["protocol"]["lowshot"]["split_dir"] == f"{base}/s"
+
+
+def test_torchrun_two_processes_run_the_suite_with_one_processes_numbers(
+        tmp_path: Path, tiny_demo_data: Path, tiny_checkpoint: Path) -> None:
+    """``torchrun -m moca_eval run``: every process walks the same cells, the main one writes them;
+    records equal a single process's (k-NN, cached linear probe)."""
+    args = ["run", "--ckpt", str(tiny_checkpoint), "--protocols", "knn", "linear", "--data",
+            str(tiny_demo_data), "--no-progress", "--num-workers", "0", "--batch-size", "8",
+            "--set", "knn.ks=[5]", "linear.mode=cached", "linear.epochs=2", "linear.batch_size=12",
+            "linear.lr_grid=[0.1,1.0]", "backbone.img_size=32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    metrics = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"runs{nproc}"
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+        proc = subprocess.run([*launcher, "-m", "moca_eval", *args, "--output-dir", str(out),
+                               "--cache-dir", str(tmp_path / f"cache{nproc}")],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records = {p.parent.name.split("-")[0]: json.loads(p.read_text()) for p in _cells(out).values()}
+        assert sorted(records) == ["knn", "linear"]
+        metrics[nproc] = {name: r["metrics"]["rows"] for name, r in records.items()}
+        assert not list(out.rglob("*.tmp"))
+    assert metrics[2]["knn"] == metrics[1]["knn"]
+    for one, two in zip(metrics[1]["linear"], metrics[2]["linear"]):
+        assert one.keys() == two.keys()
+        for key, value in one.items():
+            want = pytest.approx(two[key], abs=1e-4) if isinstance(value, float) else two[key]
+            assert value == want, key
