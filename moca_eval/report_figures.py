@@ -31,15 +31,32 @@ def _rows_with(table: Table, prefix: str) -> list[Row]:
     return [r for r in table.rows if any(c.startswith(prefix) for c in r.cells)]
 
 
-def _subtitle(cells: Sequence[Cell], records: dict[str, dict]) -> str:
-    """``dataset, feature X, recipe Y`` over the measured cells (several values joined by /)."""
-    def values(get: Any) -> str:
-        return "/".join(sorted({str(v) for v in map(get, cells) if v is not None}))
+SHOWN = ("feature", "recipe")  # settings named in titles (shared) or legends (per checkpoint)
 
-    data = values(lambda c: Path(records[c.source]["dataset"]["root"]).name if c.source in records else None)
-    parts = [data, *(f"{k} {v}" for k in ("feature", "recipe")
-                      if (v := values(lambda c, k=k: c.settings.get(k))))]
-    return ", ".join(p for p in parts if p)
+
+def _values(cells: Sequence[Cell], key: str) -> set[str]:
+    return {str(v) for v in (c.settings.get(key) for c in cells) if v is not None}
+
+
+def _subtitle(cells: Sequence[Cell], records: dict[str, dict]) -> str:
+    """``dataset, feature X, recipe Y`` over the measured cells; a setting that differs between
+    checkpoints is named in the legend instead (``_legend``)."""
+    data = "/".join(sorted({Path(records[c.source]["dataset"]["root"]).name for c in cells
+                            if c.source in records}))
+    shared = [f"{k} {v}" for k in SHOWN if len(vals := _values(cells, k)) == 1 for v in vals]
+    varying = [k for k in SHOWN if len(_values(cells, k)) > 1]
+    return ", ".join([p for p in (data, *shared) if p] + ([f"{' and '.join(varying)} per checkpoint"]
+                                                           if varying else []))
+
+
+def _legend(row: Row, table: Table, prefix: str) -> str:
+    """The row's label, plus its own feature/recipe when they differ between the plotted rows."""
+    varying = [k for k in SHOWN if len(_values(_measured(table, prefix), k)) > 1]
+    if row.published or not varying:
+        return row.label
+    cells = [c for k, c in row.cells.items() if k.startswith(prefix)]
+    own = ["/".join(sorted(_values(cells, k))) for k in varying]
+    return f"{row.label} ({', '.join(v for v in own if v)})"
 
 
 def _measured(table: Table, prefix: str) -> list[Cell]:
@@ -61,7 +78,7 @@ def lowshot_figure(table: Table, path: Path) -> bool:
         xs, ys, errs = (list(v) for v in zip(*[(x, m, s) for x, m, s, _ in points]))
         style = (dict(ls="--", marker="s", ms=4, lw=1.2, alpha=0.7) if row.published
                  else dict(marker="o", lw=2))
-        ax.plot(xs, ys, color=f"C{i}", label=row.label, **style)
+        ax.plot(xs, ys, color=f"C{i}", label=_legend(row, table, "low-shot "), **style)
         if not row.published:
             ax.fill_between(xs, [y - e for y, e in zip(ys, errs)], [y + e for y, e in zip(ys, errs)],
                             color=f"C{i}", alpha=0.2)
@@ -128,7 +145,7 @@ def knn_figure(table: Table, path: Path) -> bool:
         style = {"color": "0.8", "hatch": "//", "edgecolor": "0.4"} if row.published else {"color": colors[i]}
         ax.barh(i, value, **style)
         ax.text(value, i, f" {value:.1f}{row.cells['k-NN top-1'].flags}", va="center", fontsize=9)
-    ax.set_yticks(range(len(rows)), [r.label for r in rows])
+    ax.set_yticks(range(len(rows)), [_legend(r, table, "k-NN") for r in rows])
     ax.invert_yaxis()
     ax.set_xlim(0, max(r.cells["k-NN top-1"].mean for r in rows) * 1.18)
     ax.set_xlabel("k-NN top-1 (%)")
@@ -153,7 +170,7 @@ def knn_time_figure(table: Table, path: Path) -> bool:
     ax = fig.add_subplot()
     for i, row in enumerate(rows):
         hours, top1 = row.cells[PRETRAIN_HOURS].mean, row.cells["k-NN top-1"].mean
-        ax.plot(hours, top1, "o", color=f"C{i}", markersize=8, label=row.label)
+        ax.plot(hours, top1, "o", color=f"C{i}", markersize=8, label=_legend(row, table, "k-NN"))
         ax.annotate(f"{top1:.1f}{row.cells['k-NN top-1'].flags}", (hours, top1), textcoords="offset points",
                     xytext=(6, 4), fontsize=9)
     from matplotlib.ticker import FuncFormatter
@@ -191,7 +208,7 @@ def seg_figure(table: Table, path: Path) -> bool:
                 xs, ys, errs = zip(*points)
                 ax.errorbar(xs, ys, yerr=errs, fmt=style, marker="o", color=f"C{i}", capsize=3,
                             alpha=0.5 if row.published else 1.0,
-                            label=row.label if mode == "linear" else None)
+                            label=_legend(row, table, "seg ") if mode == "linear" else None)
     for mode, style in (("linear probe", "-"), ("fine-tuning", "--")):
         ax.plot([], [], style, color="0.3", label=mode)
     ax.set_xscale("log")
