@@ -18,6 +18,7 @@ from moca_eval.models import ARCHS, ArchSpec, build_vit
 from moca_eval.pipeline import BackboneConfig, DataConfig, FeatureJob
 from moca_eval.protocols import finetune, linear, training
 from moca_eval.protocols.finetune import build_model, build_optimizer, finetune_recipe, posterize_keep0
+from moca_eval.record import validate_record
 
 ARCH = ArchSpec(embed_dim=64, depth=2, num_heads=1, patch_size=8, img_size=64)
 
@@ -120,6 +121,8 @@ def test_finetuning_beats_the_linear_probe_of_the_same_checkpoint(random_job):
     assert tuned.best_top1 > probe.selected.val_top1 + 5, (tuned.history, probe.selected)
     assert tuned.last_top1 == tuned.history[-1]["top1"] and len(tuned.history) == 20
     out = tuned.to_dict()
+    validate_record(out)
+    validate_record(probe.to_dict())
     values, history = out["metrics"]["values"], out["metrics"]["rows"]
     assert values["best_top1"] == max(h["top1"] for h in history) and out["config"]["accum"] == 1
     assert out["config"]["recipe"]["why"] == "given" and out["config"]["recipe"]["values"]["epochs"] == 20
