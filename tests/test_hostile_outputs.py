@@ -102,16 +102,17 @@ def test_item02_plot_over_its_own_input_refused(tmp_path, capsys):
     result = tmp_path / "lowshot.json"
     result.write_text(json.dumps({"schema_version": 1, "protocol": "lowshot"}))
     before = result.read_text()
-    code, err = run_cli(["plot", result, "--out", result], capsys)
-    refused(code, err, "--out", "would overwrite the input file")
+    code, err = run_cli(["plot", result, "--output", result], capsys)
+    refused(code, err, "--output", "would overwrite the input file")
     assert result.read_text() == before
 
 
 def test_item02_splits_written_inside_the_dataset_refused(inputs, tmp_path, capsys):
     _, data = inputs
     before = tree(data)
-    code, err = run_cli(["splits", "make", "--data", data, "--out", data / "train" / "splits"], capsys)
-    refused(code, err, "--out", "would overwrite the input folder")
+    code, err = run_cli(["splits", "make", "--data", data, "--output-dir", data / "train" / "splits"],
+                        capsys)
+    refused(code, err, "--output-dir", "would overwrite the input folder")
     assert tree(data) == before and not (data / "train" / "splits").exists()
 
 

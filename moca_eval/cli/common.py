@@ -203,9 +203,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
     check_device(getattr(args, "device", None))
     inputs = [Path(p) for name in INPUT_ARGS for p in _as_list(getattr(args, name, None))]
-    # A command names its other outputs with set_defaults(file_outputs=..., dir_outputs=...).
-    files = {**FILE_OUTPUT_ARGS, **{d: _flag(d) for d in getattr(args, "file_outputs", ())}}
-    dirs = {**DIR_OUTPUT_ARGS, **{d: _flag(d) for d in getattr(args, "dir_outputs", ())}}
+    # A command names its other outputs with set_defaults(file_outputs=..., dir_outputs=...):
+    # dests, or {dest: flag} when the flag is not named after the dest.
+    files = {**FILE_OUTPUT_ARGS, **_flags(getattr(args, "file_outputs", ()))}
+    dirs = {**DIR_OUTPUT_ARGS, **_flags(getattr(args, "dir_outputs", ()))}
     for dest, flag in files.items():
         if getattr(args, dest, None) is not None:
             outputs.check_output_file(getattr(args, dest), inputs=inputs, what=flag,
@@ -214,6 +215,11 @@ def check_args(args: argparse.Namespace) -> None:
         skip = dest == "cache_dir" and getattr(args, "no_cache", False)
         if getattr(args, dest, None) is not None and not skip:
             outputs.check_output_dir(getattr(args, dest), inputs=inputs, what=flag)
+
+
+def _flags(dests: dict[str, str] | tuple[str, ...]) -> dict[str, str]:
+    """dest -> flag: a mapping as given, else each dest's own flag name."""
+    return dict(dests) if isinstance(dests, dict) else {d: _flag(d) for d in dests}
 
 
 def _flag(dest: str) -> str:

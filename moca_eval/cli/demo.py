@@ -17,7 +17,8 @@ VAL_PER_CLASS = 30  # 300 val images: a steadier top-1 than the demo-data defaul
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="generate demo data, pretrain a tiny MOCA on it, k-NN its teacher",
                        description=__doc__)
-    p.add_argument("--out", type=Path, default=Path("demo"), help="working directory (default: demo)")
+    p.add_argument("--output-dir", "--out", dest="out", type=Path, default=Path("demo"),
+                   help="working directory (default: demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of the demo images and pretraining (default 0)")
     p.add_argument("--epochs", type=int, help="pretraining epochs (default: the tiny preset's)")
     p.add_argument("--no-progress", action="store_true", help="no pretraining progress bar")

@@ -11,10 +11,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Top-1 vs labelled images per class (mean line, +-std band "
                        "over splits), one curve per `moca-eval lowshot --output` file.")
     p.add_argument("results", type=Path, nargs="+", help="low-shot result JSON files")
-    p.add_argument("--out", type=Path, required=True, help="figure to write: .png, .pdf or .svg")
+    p.add_argument("--output", "--out", dest="out", type=Path, required=True,
+                   help="figure to write: .png, .pdf or .svg")
     p.add_argument("--labels", nargs="+", help="curve names (default: checkpoint file stems)")
     p.add_argument("--title", default="Low-shot logistic regression", help="figure title")
-    p.set_defaults(func=run, file_outputs=("out",))
+    p.set_defaults(func=run, file_outputs={"out": "--output"})
 
 
 def run(args: argparse.Namespace) -> int:

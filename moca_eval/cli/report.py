@@ -13,7 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "mean +- std per setting, linear, fine-tune, Cityscapes mIoU per training size, COCO AP). "
         "Settings that differ within a column are flagged (†), --limit smoke runs marked (*).")
     p.add_argument("records", nargs="+", type=Path, help="record JSON files or directories (searched)")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--output-dir", "--out", dest="out", type=Path, required=True,
+                   help="directory for table.md/.csv/.tex and the figures")
     p.add_argument("--published", action="store_true", help="add the paper's published rows")
     p.add_argument("--figure-format", default="png", choices=["png", "pdf"], help="figure file type")
     p.add_argument("--decimals", type=int, default=1, help="decimals in the md/tex tables (default 1)")

@@ -21,8 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--seed", type=int, default=0, help="seed of the image draws (default 0)")
     m.add_argument("--allow-short", action="store_true",
                    help="a class with fewer images than a shot count gives all it has")
-    m.add_argument("--out", type=Path, required=True, help="new (or empty) output directory")
-    m.set_defaults(func=run_make, dir_outputs=("out",))
+    m.add_argument("--output-dir", "--out", dest="out", type=Path, required=True,
+                   help="new (or empty) output directory")
+    m.set_defaults(func=run_make, dir_outputs={"out": "--output-dir"})
 
     v = actions.add_parser("verify", help="check a generated directory against its manifest")
     v.add_argument("split_dir", type=Path)
