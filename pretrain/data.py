@@ -9,7 +9,6 @@ exactly those of an uninterrupted one.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,8 +18,6 @@ from torch.utils.data import Dataset, Sampler
 
 from moca_eval.data import is_image, open_rgb
 from moca_eval.errors import DatasetError
-
-log = logging.getLogger(__name__)
 
 
 def find_images(data_dir: str | Path) -> list[Path]:
@@ -35,8 +32,6 @@ def find_images(data_dir: str | Path) -> list[Path]:
     root = image_root(data_dir)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such directory (expected a folder of images)")
-    if root != Path(data_dir):
-        log.info("pretraining on %s (the train split of %s)", root, data_dir)
     found = sorted(
         Path(folder) / name
         for folder, _, names in os.walk(root, followlinks=True)

@@ -219,7 +219,8 @@ def epoch_history(records: list[dict[str, Any]]) -> list[dict[str, float]]:
 def _setup(cfg: PretrainConfig, *, strict: bool) -> _Run:
     rt = runtime.make_runtime(cfg.device, cfg.precision)
     runtime.make_plan(cfg.batch_size, None, rt.dist.world_size)  # before the run directory is made
-    find_images(cfg.data_dir)  # a missing or empty folder fails before the run directory is made
+    images = find_images(cfg.data_dir)  # a missing or empty folder fails before the run dir is made
+    log.info("pretraining on %d images of %s", len(images), image_root(cfg.data_dir))
     run_dir = prepare_run_dir(cfg, create=rt.dist.is_main)  # every rank checks, so all fail alike
     distributed.barrier()
     paths, skipped = usable_images(cfg, run_dir, strict=strict)

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     extract = ExtractConfig(cache_dir=args.out / "cache")
     rows, payload = [], {"pretrain_dir": str(run_dir), "epochs": cfg.epochs}
     for name, ckpt in (("random init", random_init), ("MOCA teacher", trained.teacher)):
-        job = FeatureJob(BackboneConfig(ckpt, img_size=cfg.img_size), DataConfig(data), extract)
+        backbone = BackboneConfig(ckpt, img_size=cfg.img_size, family="moca")
+        job = FeatureJob(backbone, DataConfig(data), extract)
         result = knn.run(knn.KnnConfig(job=job, ks=(10, 20), temperatures=(0.07,)))
         payload[name.replace(" ", "_").lower()] = result.to_dict()
         rows += [{"checkpoint": name, "k": s.k, "T": s.temperature, "top1": s.top1, "top5": s.top5}
