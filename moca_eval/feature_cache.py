@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moca_eval.checkpoint_io import sha256_file
-from moca_eval.results import atomic_path
+from moca_eval.results import atomic_path, remove_stale_temps
 
 if TYPE_CHECKING:
     from moca_eval.checkpoints import LoadedBackbone
@@ -107,8 +107,7 @@ class FeatureCache:
     def remove_stale_temp(self, keys: Iterable[str]) -> None:
         """Delete temp files a killed run left for ``keys`` (``.<key>.npz.*.tmp``)."""
         for key in keys:
-            for tmp in self.root.glob(f".{key}.*.tmp"):
-                tmp.unlink(missing_ok=True)
+            remove_stale_temps(self.root, key)
 
 
 def read_arrays(path: Path, *names: str) -> tuple[np.ndarray, ...]:

@@ -26,7 +26,7 @@ import numpy as np
 
 from moca_eval.checkpoint_io import sha256_file
 from moca_eval.feature_cache import read_arrays, write_npz
-from moca_eval.results import atomic_path
+from moca_eval.results import atomic_path, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ class ShardStore:
 
     def load(self) -> list[Shard]:
         """The complete shards, in order; the first damaged one and all after it are deleted."""
-        for tmp in self.dir.glob(".*.tmp"):  # left by a process killed while writing
-            tmp.unlink(missing_ok=True)
+        remove_stale_temps(self.dir)  # left by a process killed while writing
         shards: list[Shard] = []
         while (shard := self._read(len(shards), shards[-1].stop if shards else 0)) is not None:
             shards.append(shard)

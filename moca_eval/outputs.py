@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from moca_eval.errors import ConfigError
+from moca_eval.results import remove_stale_temps as remove_temp_files
 from moca_eval.results import utc_now, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -157,10 +158,8 @@ def run_dir_owner(path: Path) -> str | None:
 
 
 def remove_stale_temps(path: Path) -> list[Path]:
-    """Delete ``.<name>.*.tmp`` files (unfinished atomic writes) directly in ``path``."""
-    stale = sorted(Path(path).glob(".*.tmp")) if Path(path).is_dir() else []
-    for tmp in stale:
-        tmp.unlink(missing_ok=True)
+    """Delete unfinished atomic writes (``.<name>.*.tmp``) directly in ``path``, saying so."""
+    stale = remove_temp_files(path)
     if stale:
         log.warning("removed %d unfinished temporary file(s) from %s: %s", len(stale), path,
                     ", ".join(t.name for t in stale[:5]))

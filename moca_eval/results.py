@@ -35,6 +35,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temps(folder: str | Path, name: str = "*") -> list[Path]:
+    """Delete the temp files ``atomic_path`` left in ``folder`` for ``name`` (``.<name>.*.tmp``)
+    when a process was killed mid-write; returns what was removed."""
+    stale = sorted(Path(folder).glob(f".{name}.*.tmp")) if Path(folder).is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)

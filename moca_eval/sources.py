@@ -115,15 +115,9 @@ def hub_file(repo: str, revision: str | None, *, spec: str) -> tuple[Path, str |
             raise CheckpointError(f"{spec}: cannot reach the hub and not in the local cache") from None
         except RepositoryNotFoundError:
             raise CheckpointError(f"{spec}: no such hub repository (or it is private)") from None
-        return Path(local), snapshot_revision(Path(local))
+        return Path(local), hub_origin(local).get("revision")
     where = "in the local hub cache (HF_HUB_OFFLINE is set)" if offline else "in the repository"
     raise CheckpointError(f"{spec}: no {' or '.join(HUB_FILES)} {where}")
-
-
-def snapshot_revision(path: Path) -> str | None:
-    """The commit of a hub-cache file (``.../snapshots/<commit>/<file>``)."""
-    parts = path.parts
-    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
 
 
 def hub_origin(path: str | os.PathLike) -> dict[str, Any]:
@@ -145,6 +139,8 @@ def module_checkpoint(module: Any, cache_dir: Path) -> CheckpointSource:
     """An in-memory ViT as a safetensors file named by its content (written once)."""
     from safetensors.torch import save_file
 
+    from moca_eval.results import atomic_path
+
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     digest = hashlib.sha256()
     for key in sorted(state):
@@ -152,8 +148,6 @@ def module_checkpoint(module: Any, cache_dir: Path) -> CheckpointSource:
         digest.update(state[key].numpy().tobytes())
     path = Path(cache_dir) / f"module-{digest.hexdigest()[:16]}.safetensors"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(state, str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp))
     return CheckpointSource(f"module:{type(module).__name__}", path, "module")
